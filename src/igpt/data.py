@@ -1,0 +1,434 @@
+"""Data sources: IDX files, CIFAR python batches, image folders, .npz/.npy arrays, and the decoding policy.
+
+Every source yields uint8 images (N, H, W, C) with C = 1 (grey) or 3 (RGB), integer labels where the source
+has them, and class names where it knows them. Sources are read in chunks (``Split.chunks``), so memory does
+not grow with the size of the data set.
+
+Decoding policy for image files (``decode_image``):
+- grey (L, 1-bit) stays grey; RGB stays RGB; CMYK, YCbCr, LAB and HSV are converted to RGB;
+- an alpha channel (RGBA, LA, PA, P with transparency) is composited on white;
+- palette images (P) are expanded to RGB;
+- 16-bit images (I;16*, I) are scaled to 8 bits (v * 255 / 65535, rounded), never clipped;
+- the EXIF orientation is applied;
+- truncated, empty or non-image files raise ``IgptError`` naming the file (or are skipped with skip_bad).
+Resizing (``to_square``): a non-square image is centre-cropped to a square, then resized to n_px x n_px with
+an area (box) filter when shrinking and bilinear when enlarging.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from igpt.errors import IgptError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+_MAX_ELEMENTS = 1 << 34  # refuse headers that claim more than 16 GiB of pixels before allocating anything
+
+Chunk = tuple[list[np.ndarray] | np.ndarray, np.ndarray | None]  # (images (b, H, W, C) uint8, labels (b,))
+
+
+@dataclass
+class Split:
+    """One split of a source. ``read(chunk_size)`` yields (images, labels) chunks in a fixed order."""
+
+    n: int  # images in the split (bad files that skip_bad drops are counted in ``skipped``)
+    read: Callable[[int], Iterator[Chunk]]
+    skipped: list[str] = field(default_factory=list)
+
+    def chunks(self, chunk_size: int = 4096) -> Iterator[Chunk]:
+        return self.read(chunk_size)
+
+
+@dataclass
+class Source:
+    name: str  # what the user asked for, for meta.json and messages
+    channels: int  # 1 or 3: every image of every split is converted to this
+    splits: dict[str, Split]  # "train", optionally "val" and "test"
+    class_names: list[str] | None = None
+
+
+# -- image decoding -----------------------------------------------------------------------------------------
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, C + 1) with alpha last -> uint8 (H, W, C), composited on a white background."""
+    c = rgba[..., :-1].astype(np.uint32)
+    a = rgba[..., -1:].astype(np.uint32)
+    return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _to_array(im: Image.Image, path: Path) -> np.ndarray:
+    """A decoded PIL image -> uint8 (H, W, 1 or 3) under the policy in the module docstring."""
+    mode = im.mode
+    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        a = np.asarray(im).astype(np.int64)
+        if a.min() < 0 or a.max() > 65535:
+            raise IgptError(f"{path}: integer image with values outside 0..65535 is not supported")
+        return ((a * 255 + 32767) // 65535).astype(np.uint8)[..., None]
+    if mode == "F":
+        raise IgptError(f"{path}: floating-point images (mode F) are not supported; save it as 8 or 16 bit")
+    if mode in ("1", "L"):
+        return np.asarray(im.convert("L"))[..., None]
+    if mode in ("LA", "La"):
+        return _composite_on_white(np.asarray(im.convert("LA")))
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        return _composite_on_white(np.asarray(im.convert("RGBA")))
+    return np.asarray(im.convert("RGB"))  # P, CMYK, YCbCr, LAB, HSV, ...
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Decode one image file -> uint8 (H, W, 1) or (H, W, 3); ``IgptError`` naming the file if it can't."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                im = ImageOps.exif_transpose(im)
+                return _to_array(im, path)
+    except IgptError:
+        raise
+    except UnidentifiedImageError:
+        size = path.stat().st_size if path.exists() else 0
+        what = "an empty file" if size == 0 else "not an image Pillow can read"
+        raise IgptError(f"{path}: {what}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise IgptError(f"{path}: cannot decode image ({e})") from None
+
+
+def convert_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (H, W, c) -> (H, W, channels): grey repeated to RGB, or RGB to grey with ITU-R 601-2 luma."""
+    if img.shape[-1] == channels:
+        return img
+    if channels == 3:
+        return np.repeat(img, 3, axis=-1)
+    return np.asarray(Image.fromarray(img).convert("L"))[..., None]
+
+
+def to_square(img: np.ndarray, n_px: int) -> np.ndarray:
+    """uint8 (H, W, C) -> (n_px, n_px, C): centre crop to a square, then box filter down / bilinear up."""
+    h, w, c = img.shape
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    img = img[top : top + s, left : left + s]
+    if s == n_px:
+        return np.ascontiguousarray(img)
+    pil = Image.fromarray(img[..., 0] if c == 1 else img)
+    out = np.asarray(pil.resize((n_px, n_px), Image.Resampling.BOX if s > n_px else Image.Resampling.BILINEAR))
+    return out[..., None] if c == 1 else out
+
+
+def resize_batch(images: list[np.ndarray] | np.ndarray, n_px: int) -> np.ndarray:
+    """A chunk of images (each (H, W, C) uint8) -> one uint8 array (b, n_px, n_px, C)."""
+    if isinstance(images, np.ndarray) and images.shape[1:3] == (n_px, n_px):
+        return np.ascontiguousarray(images)
+    return np.stack([to_square(im, n_px) for im in images]) if len(images) else np.zeros((0, n_px, n_px, 1), np.uint8)
+
+
+# -- IDX (MNIST, Fashion-MNIST) -----------------------------------------------------------------------------
+def _open_maybe_gzip(path: Path):
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    return gzip.open(path, "rb") if magic == b"\x1f\x8b" else open(path, "rb")
+
+
+def read_idx_header(f, path: Path) -> tuple[int, ...]:
+    head = f.read(4)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
+        raise IgptError(f"{path}: not an IDX file (bad magic number)")
+    if head[2] != 0x08:
+        raise IgptError(f"{path}: IDX element type 0x{head[2]:02x} is not supported (only 0x08, unsigned byte)")
+    ndim = head[3]
+    if not 1 <= ndim <= 4:
+        raise IgptError(f"{path}: IDX file with {ndim} dimensions is not supported")
+    raw = f.read(4 * ndim)
+    if len(raw) < 4 * ndim:
+        raise IgptError(f"{path}: truncated IDX header")
+    dims = tuple(int.from_bytes(raw[4 * i : 4 * i + 4], "big") for i in range(ndim))
+    if int(np.prod(dims, dtype=np.float64)) > _MAX_ELEMENTS:
+        raise IgptError(f"{path}: IDX header claims shape {dims}, too large to be real")
+    return dims
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read a whole IDX file (gzip or plain) into a uint8 array of its declared shape."""
+    path = Path(path)
+    with _open_maybe_gzip(path) as f:
+        try:
+            dims = read_idx_header(f, path)
+            data = f.read(int(np.prod(dims)) + 1)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            raise IgptError(f"{path}: corrupt file ({e})") from None
+    if len(data) != int(np.prod(dims)):
+        raise IgptError(f"{path}: IDX payload is {len(data)} bytes, header {dims} says {int(np.prod(dims))}")
+    return np.frombuffer(data, np.uint8).reshape(dims)
+
+
+def idx_split(images: Path, labels: Path | None, start: int = 0, stop: int | None = None) -> Split:
+    """A split reading images [start, stop) of an IDX image file (N, H, W) in chunks, with IDX labels."""
+    with _open_maybe_gzip(images) as f:
+        dims = read_idx_header(f, images)
+    if len(dims) != 3:
+        raise IgptError(f"{images}: expected an IDX image file (N, H, W), got shape {dims}")
+    lab = None
+    if labels is not None:
+        lab = read_idx(labels)
+        if lab.shape != (dims[0],):
+            raise IgptError(f"{labels}: {lab.shape[0]} labels for {dims[0]} images in {images.name}")
+    stop = dims[0] if stop is None else min(stop, dims[0])
+    hw = dims[1] * dims[2]
+
+    def read(chunk: int) -> Iterator[Chunk]:
+        with _open_maybe_gzip(images) as f:
+            read_idx_header(f, images)
+            try:
+                f.seek(4 + 4 * len(dims) + start * hw)
+                for s in range(start, stop, chunk):
+                    b = min(chunk, stop - s)
+                    buf = f.read(b * hw)
+                    if len(buf) != b * hw:
+                        raise IgptError(f"{images}: truncated IDX file (image {s + len(buf) // hw} of {dims[0]} missing)")
+                    x = np.frombuffer(buf, np.uint8).reshape(b, dims[1], dims[2], 1)
+                    yield x, None if lab is None else lab[s : s + b].astype(np.int64)
+            except (OSError, EOFError, gzip.BadGzipFile) as e:
+                raise IgptError(f"{images}: corrupt file ({e})") from None
+
+    return Split(stop - start, read)
+
+
+# -- CIFAR python batches -----------------------------------------------------------------------------------
+class _CifarUnpickler(pickle.Unpickler):
+    """Accepts only what CIFAR batches contain: dicts, lists, bytes/str, ints and plain numpy arrays."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol-5 pickles of arrays
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # protocol-2 pickles from Python 3 spell bytes as _codecs.encode(str, 'latin1')
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR batch")
+
+
+def read_cifar_batch(path: str | Path) -> dict:
+    """Load one CIFAR python batch (or meta file) with the restricted unpickler; keys become str."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, UnicodeDecodeError, ModuleNotFoundError) as e:
+        raise IgptError(f"{path}: not a valid CIFAR python batch ({e})") from None
+    if not isinstance(d, dict):
+        raise IgptError(f"{path}: not a valid CIFAR python batch (holds a {type(d).__name__}, not a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
+
+
+def cifar_images(d: dict, path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """A loaded batch -> images uint8 (N, 32, 32, 3) and labels int64 (N,)."""
+    data, labels = d.get("data"), d.get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise IgptError(f"{path}: 'data' must be a uint8 array (N, 3072)")
+    if labels is None or len(labels) != len(data):
+        raise IgptError(f"{path}: '{label_key}' must hold one label per image ({len(data)})")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise IgptError(f"{path}: '{label_key}' must hold integer labels") from None
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _batches_split(files: list[Path], label_key: str) -> Split:
+    n = 0
+    for p in files:  # count without keeping: a batch is ~30 MB
+        n += len(cifar_images(read_cifar_batch(p), p, label_key)[1])
+
+    def read(chunk: int) -> Iterator[Chunk]:
+        for p in files:
+            x, y = cifar_images(read_cifar_batch(p), p, label_key)
+            for s in range(0, len(x), chunk):
+                yield x[s : s + chunk], y[s : s + chunk]
+
+    return Split(n, read)
+
+
+def cifar_source(root: str | Path, name: str | None = None) -> Source:
+    """``cifar-10-batches-py/`` or ``cifar-100-python/`` (or a folder holding one), or one batch file."""
+    root = Path(root)
+    for sub in ("cifar-10-batches-py", "cifar-100-python"):
+        if (root / sub).is_dir():
+            root = root / sub
+    if root.is_file():
+        d = read_cifar_batch(root)
+        key = "labels" if "labels" in d else "fine_labels"
+        return Source(name or str(root), 3, {"train": _batches_split([root], key)})
+    if (root / "data_batch_1").is_file():
+        train = sorted(root.glob("data_batch_[0-9]*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+        splits = {"train": _batches_split(train, "labels")}
+        if (root / "test_batch").is_file():
+            splits["test"] = _batches_split([root / "test_batch"], "labels")
+        meta, names_key = root / "batches.meta", "label_names"
+    elif (root / "train").is_file():
+        splits = {"train": _batches_split([root / "train"], "fine_labels")}
+        if (root / "test").is_file():
+            splits["test"] = _batches_split([root / "test"], "fine_labels")
+        meta, names_key = root / "meta", "fine_label_names"
+    else:
+        raise IgptError(f"{root}: no CIFAR batches (data_batch_1 ... / test_batch, or train / test)")
+    names = None
+    if meta.is_file():
+        raw = read_cifar_batch(meta).get(names_key)
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw] if raw is not None else None
+    return Source(name or str(root), 3, splits, names)
+
+
+# -- image folders ------------------------------------------------------------------------------------------
+def _image_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+
+
+def _file_channels(path: Path) -> int:
+    """Channels the decoding policy gives this file, from its header only (no pixel decoding)."""
+    try:
+        with Image.open(path) as im:
+            return 1 if im.mode in _GREY_MODES else 3
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        return 1  # a bad file does not decide the channel count; decoding it reports the problem
+
+
+def _files_split(files: list[Path], labels: list[int] | None, channels: int, skip_bad: bool) -> Split:
+    split = Split(len(files), lambda chunk: iter(()))
+
+    def read(chunk: int) -> Iterator[Chunk]:
+        split.skipped.clear()
+        for s in range(0, len(files), chunk):
+            imgs, labs = [], []
+            for i in range(s, min(s + chunk, len(files))):
+                try:
+                    imgs.append(convert_channels(decode_image(files[i]), channels))
+                except IgptError:
+                    if not skip_bad:
+                        raise
+                    split.skipped.append(str(files[i]))
+                    continue
+                labs.append(-1 if labels is None else labels[i])
+            yield imgs, None if labels is None else np.asarray(labs, dtype=np.int64)
+
+    split.read = read
+    return split
+
+
+def folder_source(root: str | Path, channels: int | None = None, skip_bad: bool = False) -> Source:
+    """``root/<class>/*.png`` (labels from sorted folder names), ``root/{train,val,test}/<class>/...``, or a
+    flat ``root/*.png`` (no labels). ``channels`` None means RGB if any file is colour, else grey."""
+    root = Path(root)
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    layout: dict[str, Path] = {"train": root}
+    if subdirs and {p.name for p in subdirs} <= {"train", "val", "test"} and (root / "train").is_dir():
+        layout = {p.name: p for p in subdirs}
+    per_split: dict[str, tuple[list[Path], list[int] | None]] = {}
+    class_names: list[str] | None = None
+    for split, d in layout.items():
+        classes = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and _image_files(p))
+        if classes:
+            if class_names is None:
+                class_names = classes
+            elif classes != class_names:
+                raise IgptError(f"{d}: class folders {classes} differ from the train split's {class_names}")
+            files, labels = [], []
+            for i, c in enumerate(class_names):
+                got = _image_files(d / c)
+                files += got
+                labels += [i] * len(got)
+            per_split[split] = (files, labels)
+        else:
+            per_split[split] = (_image_files(d), None)
+        if not per_split[split][0]:
+            raise IgptError(f"{d}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
+    if channels is None:
+        channels = 3 if any(_file_channels(f) == 3 for fs, _ in per_split.values() for f in fs) else 1
+    splits = {s: _files_split(fs, ls, channels, skip_bad) for s, (fs, ls) in per_split.items()}
+    return Source(str(root), channels, splits, class_names)
+
+
+# -- numpy arrays -------------------------------------------------------------------------------------------
+def normalise_array(x: np.ndarray, where: str) -> np.ndarray:
+    """Images as (N, H, W) or (N, H, W, 1|3|4), uint8 or uint16 -> uint8 (N, H, W, 1|3)."""
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
+        raise IgptError(f"{where}: images must have shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {x.shape}")
+    if x.dtype == np.uint16:
+        x = ((x.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    elif x.dtype != np.uint8:
+        raise IgptError(f"{where}: images must be uint8 (or uint16), got {x.dtype}")
+    if x.shape[-1] == 4:
+        x = _composite_on_white(x)
+    return x
+
+
+def _array_split(x: np.ndarray, y: np.ndarray | None, channels: int, where: str) -> Split:
+    x = normalise_array(x, where)
+    if y is not None:
+        y = np.asarray(y)
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise IgptError(f"{where}: labels must be integers of shape ({len(x)},), got {y.dtype} {y.shape}")
+
+    def read(chunk: int) -> Iterator[Chunk]:
+        for s in range(0, len(x), chunk):
+            imgs = np.asarray(x[s : s + chunk])
+            if imgs.shape[-1] != channels:
+                imgs = np.stack([convert_channels(im, channels) for im in imgs])
+            yield imgs, None if y is None else y[s : s + chunk].astype(np.int64)
+
+    return Split(len(x), read)
+
+
+_NPZ_LAYOUTS = [  # (split, images key, labels key)
+    [("train", "images", "labels")],
+    [("train", "x", "y")],
+    [("train", "x_train", "y_train"), ("test", "x_test", "y_test")],
+    [("train", "train_images", "train_labels"), ("test", "test_images", "test_labels")],
+]
+
+
+def array_source(path: str | Path, channels: int | None = None) -> Source:
+    """A ``.npy`` of images, or an ``.npz`` with images and optional labels (``allow_pickle=False``):
+    keys images/labels, x/y, x_train/y_train/x_test/y_test or train_images/.../test_labels, and an optional
+    ``class_names`` string array."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npy":
+            arrays = {"images": np.load(path, mmap_mode="r", allow_pickle=False)}
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError) as e:
+        raise IgptError(f"{path}: not a readable numpy file without pickled objects ({e})") from None
+    for layout in _NPZ_LAYOUTS:
+        if layout[0][1] in arrays:
+            break
+    else:
+        raise IgptError(f"{path}: no image array; expected one of the keys images, x, x_train, train_images "
+                        f"(found {sorted(arrays)})")
+    ch = channels
+    if ch is None:
+        ch = 3 if normalise_array(arrays[layout[0][1]][:1], str(path)).shape[-1] == 3 else 1
+    splits = {s: _array_split(arrays[xk], arrays.get(yk), ch, f"{path}[{xk}]") for s, xk, yk in layout if xk in arrays}
+    names = arrays.get("class_names")
+    return Source(str(path), ch, splits, [str(n) for n in names] if names is not None else None)

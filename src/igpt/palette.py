@@ -1,0 +1,333 @@
+"""Colour palettes: k-means clusters in [-1, 1], quantize (pixels -> ids) and dequantize (ids -> pixels).
+
+Layout follows OpenAI's ``kmeans_centers.npy``: an array (k, C) of cluster centres in [-1, 1], where a pixel
+value v in 0..255 sits at v / 127.5 - 1. A palette of RGB colours has C = 3 (512 colours = the paper's
+"9-bit" palette); a grey palette has C = 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from igpt.errors import IgptError
+from igpt.io import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+_MISSING = np.uint16(0xFFFF)  # lookup-table entry not computed yet; so ids must stay below 65535
+_CHUNK = 16384
+_PP_SAMPLE = 1 << 15  # distinct colours that k-means++ seeds from (Lloyd then runs on all of them)  # colours per distance block: (16384, k) float64 is 64 MiB at k = 512
+
+
+def to_unit(values: np.ndarray) -> np.ndarray:
+    """uint8 pixel values -> float64 in [-1, 1] (v / 127.5 - 1), the space palettes live in."""
+    return np.asarray(values, dtype=np.float64) / 127.5 - 1.0
+
+
+def channel_name(c: int) -> str:
+    return {1: "grey", 3: "RGB"}.get(c, f"{c}-channel")
+
+
+def pack_rgb(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (..., 3) -> int64 (...) codes r << 16 | g << 8 | b, the index into a 2^24 lookup table."""
+    p = pixels.astype(np.int64)
+    return (p[..., 0] << 16) | (p[..., 1] << 8) | p[..., 2]
+
+
+def nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Index of the nearest centre for each point, squared Euclidean distance, ties to the lowest index.
+
+    points: (N, C) float64; centres: (k, C). Uses the expanded form |a|^2 - 2ab + |b|^2 in float64, as the
+    ``transformers`` ImageGPT processor does, so ids agree with it except at exact ties.
+    """
+    c = np.asarray(centres, dtype=np.float64)
+    c2 = np.einsum("kc,kc->k", c, c)
+    out = np.empty(len(points), dtype=np.int64)
+    for s in range(0, len(points), _CHUNK):
+        a = points[s : s + _CHUNK]
+        d = c2[None, :] - 2.0 * (a @ c.T)  # |a|^2 is constant per row and cannot change the argmin
+        out[s : s + _CHUNK] = d.argmin(axis=1)
+    return out
+
+
+class Palette:
+    """k colours in [-1, 1]. ``quantize`` maps uint8 images (..., C) to ids (...); ``dequantize`` inverts.
+
+    RGB quantization goes through a lazily filled 2^24-entry lookup table: each distinct colour is solved
+    exactly once, later pixels of that colour cost one gather.
+    """
+
+    def __init__(self, centers: np.ndarray):
+        centers = np.asarray(centers)
+        if centers.ndim != 2 or centers.shape[1] not in (1, 3):
+            raise IgptError(f"palette must have shape (k, 1) or (k, 3), got {centers.shape}")
+        if not np.issubdtype(centers.dtype, np.floating):
+            raise IgptError(f"palette values must be floats in [-1, 1], got dtype {centers.dtype}")
+        k = centers.shape[0]
+        if not 2 <= k < int(_MISSING):
+            raise IgptError(f"palette size must be between 2 and {int(_MISSING) - 1}, got {k}")
+        if not np.isfinite(centers).all() or np.abs(centers).max() > 1.0 + 1e-6:
+            raise IgptError("palette values must be finite and within [-1, 1]")
+        self.centers = centers  # kept in its own dtype: OpenAI's kmeans_centers.npy loads unchanged
+        self._colours = np.rint(127.5 * (centers.astype(np.float64) + 1.0)).clip(0, 255).astype(np.uint8)
+        self._lut: np.ndarray | None = None
+
+    @property
+    def k(self) -> int:
+        return self.centers.shape[0]
+
+    @property
+    def channels(self) -> int:
+        return self.centers.shape[1]
+
+    @property
+    def hash(self) -> str:
+        """Content hash (sha256 of dtype, shape and values), stored in shards' meta.json and sidecars."""
+        h = hashlib.sha256(f"{self.centers.dtype.str}{self.centers.shape}".encode())
+        h.update(np.ascontiguousarray(self.centers).tobytes())
+        return h.hexdigest()
+
+    def colours(self) -> np.ndarray:
+        """The palette as uint8 colours (k, C): rint(127.5 * (c + 1))."""
+        return self._colours.copy()
+
+    def check_channels(self, channels: int, what: str = "the data") -> None:
+        if channels != self.channels:
+            raise IgptError(
+                f"palette is {channel_name(self.channels)} ({self.channels} channel(s)) but {what} is "
+                f"{channel_name(channels)} ({channels} channel(s))"
+            )
+
+    # -- quantize / dequantize ---------------------------------------------------------------------------
+    def quantize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (..., C) -> uint16 ids (...): the nearest palette colour of every pixel."""
+        images = np.asarray(images)
+        if images.dtype != np.uint8:
+            raise IgptError(f"quantize expects uint8 pixels, got {images.dtype}")
+        if images.ndim == 0 or images.shape[-1] != self.channels:
+            got = images.shape[-1] if images.ndim else 0
+            self.check_channels(got, f"an array of shape {images.shape}")
+        lut = self._table()
+        codes = images[..., 0] if self.channels == 1 else pack_rgb(images)
+        ids = lut[codes]
+        missing = ids == _MISSING
+        if missing.any():
+            todo = np.unique(codes[missing])
+            rgb = np.stack([(todo >> 16) & 255, (todo >> 8) & 255, todo & 255], axis=1)
+            lut[todo] = nearest(to_unit(rgb), self.centers)
+            ids[missing] = lut[codes[missing]]
+        return ids
+
+    def dequantize(self, ids: np.ndarray) -> np.ndarray:
+        """ids (...) -> uint8 pixels (..., C), each id's colour rint(127.5 * (c + 1))."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.k):
+            raise IgptError(f"ids out of range for a palette of {self.k} colours: [{ids.min()}, {ids.max()}]")
+        return self._colours[ids]
+
+    def _table(self) -> np.ndarray:
+        if self._lut is None:
+            if self.channels == 1:  # 256 grey levels: solve them all up front
+                self._lut = nearest(to_unit(np.arange(256)[:, None]), self.centers).astype(np.uint16)
+            else:
+                self._lut = np.full(1 << 24, _MISSING, dtype=np.uint16)  # 32 MiB, filled on demand
+        return self._lut
+
+    # -- files -------------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write ``path`` (.npy, (k, C)) and the sidecar ``path.with_suffix('.json')``, each atomically."""
+        path = Path(path)
+        buf = _npy_bytes(self.centers)
+        atomic_write_bytes(path, buf)
+        side = {"k": self.k, "channels": self.channels, "value_range": [-1.0, 1.0],
+                "dtype": self.centers.dtype.name, "sha256": self.hash}
+        atomic_write_bytes(path.with_suffix(".json"), (json.dumps(side, indent=2) + "\n").encode())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Palette:
+        """Load a palette: our ``.npy`` (+ sidecar), OpenAI's ``kmeans_centers.npy``, or a Hugging Face
+        ``preprocessor_config.json`` (its ``clusters``). A directory is searched for those files."""
+        path = Path(path)
+        if path.is_dir():
+            for name in ("palette.npy", "kmeans_centers.npy", "preprocessor_config.json"):
+                if (path / name).is_file():
+                    return cls.load(path / name)
+            raise IgptError(f"{path}: no palette.npy, kmeans_centers.npy or preprocessor_config.json in it")
+        if not path.is_file():
+            raise IgptError(f"palette file not found: {path}")
+        if path.suffix == ".json":
+            try:
+                clusters = json.loads(path.read_text()).get("clusters")
+            except (ValueError, UnicodeDecodeError, AttributeError) as e:
+                raise IgptError(f"{path}: not a readable JSON object ({e})") from None
+            if clusters is None:
+                raise IgptError(f"{path}: no 'clusters' entry, so it holds no palette")
+            try:
+                return cls(np.asarray(clusters, dtype=np.float64))
+            except (TypeError, ValueError) as e:
+                raise IgptError(f"{path}: 'clusters' is not a (k, C) list of numbers ({e})") from None
+        try:
+            centers = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise IgptError(f"{path}: not a readable .npy palette ({e})") from None
+        try:
+            pal = cls(centers)
+        except IgptError as e:
+            raise IgptError(f"{path}: {e}") from None
+        side = path.with_suffix(".json")
+        if side.is_file():
+            try:
+                want = json.loads(side.read_text()).get("sha256")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                raise IgptError(f"{side}: palette sidecar is not valid JSON") from None
+            if want is not None and want != pal.hash:
+                raise IgptError(f"{path} does not match its sidecar {side.name} (content hash differs)")
+        return pal
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+# -- fitting ------------------------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    palette: Palette
+    inertia: float  # sum over the fitted pixels of squared distance to their centre, in [-1, 1] units
+    n_iter: int
+    n_unique: int  # distinct colours among the fitted pixels
+
+
+def unique_colours(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, C) -> (distinct colours (U, C) uint8, counts (U,) int64)."""
+    if pixels.shape[1] == 1:
+        counts = np.bincount(pixels[:, 0], minlength=256)
+        keep = np.nonzero(counts)[0]
+        return keep.astype(np.uint8)[:, None], counts[keep]
+    codes, counts = np.unique(pack_rgb(pixels), return_counts=True)
+    rgb = np.stack([(codes >> 16) & 255, (codes >> 8) & 255, codes & 255], axis=1).astype(np.uint8)
+    return rgb, counts
+
+
+def fit_palette(
+    pixels: np.ndarray,
+    k: int,
+    *,
+    seed: int = 0,
+    max_iter: int = 100,
+    tol: float = 1e-4,
+    batch_size: int | None = None,
+    device: str | None = None,
+) -> FitResult:
+    """k-means colour clusters of ``pixels`` (uint8 (N, C)): weighted k-means++ then Lloyd iterations.
+
+    Pixels are reduced to their distinct colours with counts as weights, which is exact for k-means and
+    makes a full pass cheap (1M natural-image pixels hold a few hundred thousand colours at most). When more
+    than ``batch_size`` distinct colours remain, each iteration is a weighted mini-batch update (per-centre
+    learning rate 1 / count, as Sculley 2010) instead of a full pass. Empty clusters are re-seeded at the
+    colours farthest from their centres. Deterministic for a given seed and device.
+    """
+    import torch  # here, so quantizing and loading palettes don't pay for importing torch
+
+    pixels = np.asarray(pixels)
+    if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] not in (1, 3):
+        raise IgptError(f"fit_palette expects uint8 pixels of shape (N, 1) or (N, 3), got {pixels.dtype} {pixels.shape}")
+    colours, counts = unique_colours(pixels)
+    if len(colours) < k:
+        raise IgptError(
+            f"the data has only {len(colours)} distinct colours, fewer than the palette size {k}: "
+            f"use --palette-size {len(colours)} or less"
+        )
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.from_numpy(to_unit(colours)).float().to(dev)  # (U, C)
+    w = torch.from_numpy(counts).double().to(dev)  # (U,)
+    if len(x) > _PP_SAMPLE:  # seed on a weighted sample of colours: k-means++ is k sequential passes
+        pick = torch.multinomial(w.cpu().float(), _PP_SAMPLE, replacement=False, generator=g).to(dev)
+        c = _kmeans_pp(x[pick], w[pick], k, g)
+    else:
+        c = _kmeans_pp(x, w, k, g)
+    mini = batch_size is not None and len(colours) > batch_size
+    prev = math.inf
+    it = 0
+    seen = torch.zeros(k, dtype=torch.float64, device=dev)
+    for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported
+        if mini:
+            idx = torch.multinomial(w.cpu().float(), batch_size, replacement=True, generator=g).to(dev)
+            assign, d2 = _assign(x[idx], c)
+            ones = torch.ones(batch_size, dtype=torch.float64, device=dev)
+            n = torch.zeros(k, dtype=torch.float64, device=dev).index_add_(0, assign, ones)
+            s = torch.zeros_like(c, dtype=torch.float64).index_add_(0, assign, x[idx].double())
+            seen += n
+            upd = n > 0
+            lr = (n[upd] / seen[upd]).unsqueeze(1)  # per-centre step 1 / (points seen so far)
+            c[upd] = ((1 - lr) * c[upd].double() + lr * s[upd] / n[upd].unsqueeze(1)).float()
+            continue
+        assign, d2 = _assign(x, c)
+        inertia = float((w * d2).sum())
+        n = torch.zeros(k, dtype=torch.float64, device=dev).index_add_(0, assign, w)
+        s = torch.zeros(k, x.shape[1], dtype=torch.float64, device=dev).index_add_(0, assign, x.double() * w[:, None])
+        new = c.clone()
+        live = n > 0
+        new[live] = (s[live] / n[live, None]).float()
+        dead = (~live).nonzero().flatten()
+        if len(dead):  # re-seed each empty cluster at one of the worst-served colours
+            far = torch.topk(w * d2, len(dead)).indices
+            new[dead] = x[far]
+        shift = float((new - c).pow(2).sum(1).max())
+        c = new
+        if len(dead) == 0 and (shift <= tol**2 or prev - inertia <= tol * max(inertia, 1e-12)):
+            break
+        prev = inertia
+    assign, d2 = _assign(x, c)
+    inertia = float((w * d2).sum())
+    centers = c.double().clamp(-1, 1).cpu().numpy().astype(np.float32)
+    return FitResult(Palette(centers), inertia, it, len(colours))
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centre of each point and its squared distance: (N,) long, (N,) float64."""
+    import torch
+
+    c2 = c.pow(2).sum(1)
+    idx, dist = [], []
+    for s in range(0, len(x), 4096):  # (4096, k) blocks stay in cache: 3x faster than large blocks
+        a = x[s : s + 4096]
+        d = torch.addmm(c2, a, c.T, alpha=-2.0)  # (n, k) = |c|^2 - 2 a.c
+        m, i = d.min(dim=1)
+        idx.append(i)
+        dist.append((m.double() + a.double().pow(2).sum(1)).clamp_min(0))
+    return torch.cat(idx), torch.cat(dist)
+
+
+def _kmeans_pp(x: torch.Tensor, w: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """Greedy weighted k-means++ (Arthur & Vassilvitskii; 2 + ln k candidates per step, keep the best)."""
+    import torch
+
+    trials = 2 + int(math.log(k))
+    first = int(torch.multinomial(w.cpu().float(), 1, generator=g))
+    centres = [x[first]]
+    d2 = (x - x[first]).pow(2).sum(1).double()  # (U,) distance to the nearest chosen centre
+    for _ in range(1, k):
+        p = (w * d2).cpu().float()
+        if float(p.sum()) <= 0:  # every colour already a centre (cannot happen when U >= k)
+            p = w.cpu().float()
+        cand = torch.multinomial(p, trials, replacement=True, generator=g).to(x.device)
+        cd = torch.cdist(x[cand], x).pow(2).double()  # (trials, U)
+        cd = torch.minimum(cd, d2[None, :])
+        best = int((cd * w[None, :]).sum(1).argmin())
+        centres.append(x[cand[best]])
+        d2 = cd[best]
+    return torch.stack(centres).clone()

@@ -1,0 +1,267 @@
+"""Token shards: images -> n_px x n_px -> palette ids, written once and memory-mapped by every later stage.
+
+``prepare`` makes, in one atomic directory, ``{train,val,test}_tokens.npy`` (uint16 (N, n_px * n_px), raster
+order), the matching ``*_labels.npy`` (int64) when the source has labels, ``palette.npy`` (+ ``palette.json``)
+and ``meta.json``. Images are decoded and resized once, in chunks, into a pixel file on disk; the palette is
+fitted on pixels sampled from the training rows (never validation or test); a second pass quantizes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from igpt import __version__
+from igpt.data import Source, convert_channels, resize_batch
+from igpt.datasets import BUNDLED, open_source
+from igpt.errors import IgptError
+from igpt.io import atomic_dir, atomic_write_bytes
+from igpt.palette import Palette, channel_name, fit_palette
+
+FORMAT = "igpt-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class PrepareConfig:
+    out: str  # output directory, replaced atomically
+    data: str = BUNDLED  # named data set, image folder, CIFAR folder/batch, IDX file, .npz/.npy
+    n_px: int = 32  # side of the square images the model sees; the paper uses 32, 48 and 64
+    palette: str = "fit"  # "fit" (k-means on the training pixels) or a palette file to reuse
+    palette_size: int | None = None  # k for "fit"; None: 512 for RGB (the paper's 9-bit palette), 16 for grey
+    data_dir: str | None = None  # folder holding named data sets as DIR/<name>/ (else $IGPT_DATA_DIR, ...)
+    channels: int | None = None  # force 1 (grey) or 3 (RGB); None keeps the source's own
+    val_fraction: float = 0.1  # of train held out for validation, as the paper does for CIFAR and STL-10
+    seed: int = 0  # the validation split and the palette fit
+    skip_bad: bool = False  # skip undecodable image files (counted in meta.json) instead of stopping
+    chunk_size: int = 2048  # images per chunk: bounds peak memory
+    fit_pixels: int = 1_000_000  # pixels sampled from the training rows for the k-means fit
+    fit_device: str | None = None  # torch device for the fit; None picks CUDA when present
+
+    def __post_init__(self):
+        if not 2 <= self.n_px <= 1024:
+            raise IgptError(f"n_px must be between 2 and 1024, got {self.n_px}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise IgptError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.palette != "fit" and self.palette_size is not None:
+            raise IgptError("--palette-size only applies to --palette fit; a palette file has its own size")
+        if self.palette_size is not None and self.palette_size < 2:
+            raise IgptError(f"palette_size must be at least 2, got {self.palette_size}")
+        if self.channels not in (None, 1, 3):
+            raise IgptError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
+        if self.chunk_size < 1 or self.fit_pixels < 1:
+            raise IgptError("chunk_size and fit_pixels must be positive")
+
+
+def val_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Which of n training rows are held out for validation: round(n * fraction) of them, chosen by seed."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(seed).permutation(n)[: round(n * fraction)]] = True
+    return mask
+
+
+class PixelFile:
+    """Decoded images (N, n_px, n_px, C) uint8 in a raw file, written and read in sequential chunks.
+
+    Plain file I/O rather than a memory map, so pages read or written do not stay in the process's memory.
+    """
+
+    def __init__(self, path: Path, n_px: int, channels: int):
+        self.path, self.shape_1 = path, (n_px, n_px, channels)
+        self.row_bytes = n_px * n_px * channels
+        self.rows = 0
+
+    def append(self, x: np.ndarray) -> None:
+        with open(self.path, "ab") as f:
+            f.write(np.ascontiguousarray(x, dtype=np.uint8).tobytes())
+        self.rows += len(x)
+
+    def chunks(self, chunk: int):
+        """Yield (first row, pixels (b, n_px, n_px, C)) in order."""
+        with open(self.path, "rb") as f:
+            for s in range(0, self.rows, chunk):
+                b = min(chunk, self.rows - s)
+                yield s, np.frombuffer(f.read(b * self.row_bytes), np.uint8).reshape(b, *self.shape_1)
+
+
+def sample_pixels(pixels: PixelFile, rows: np.ndarray, count: int, seed: int, chunk: int) -> np.ndarray:
+    """Up to ``count`` distinct pixels (P, C) drawn uniformly from the given rows of a pixel file."""
+    per_row = pixels.shape_1[0] * pixels.shape_1[1]
+    total = len(rows) * per_row
+    flat = np.random.default_rng(seed).choice(total, size=count, replace=False) if total > count else np.arange(total)
+    flat.sort()
+    r, p = rows[flat // per_row], flat % per_row  # r is sorted because rows and flat are
+    out = []
+    for s, x in pixels.chunks(chunk):
+        lo, hi = np.searchsorted(r, [s, s + len(x)])
+        out.append(x.reshape(len(x), per_row, -1)[r[lo:hi] - s, p[lo:hi]])
+    return np.concatenate(out)
+
+
+def _bar(total: int, desc: str) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty(), leave=False)
+
+
+def _decode_split(src: Source, split: str, cfg: PrepareConfig, tmp: Path) -> tuple[PixelFile, np.ndarray | None]:
+    """Pass 1: decode and resize a split, in chunks, into a pixel file; return it and the labels."""
+    s = src.splits[split]
+    pix = PixelFile(tmp / f".pixels-{split}.u8", cfg.n_px, src.channels)
+    labels: list[np.ndarray] = []
+    with _bar(s.n, f"decode {split}") as bar:
+        for images, lab in s.chunks(cfg.chunk_size):
+            x = resize_batch(images, cfg.n_px)
+            if len(x) and x.shape[-1] != src.channels:
+                x = np.stack([convert_channels(im, src.channels) for im in x])
+            pix.append(x)
+            if lab is not None:
+                labels.append(lab)
+            bar.update(len(x))
+    if pix.rows == 0:
+        raise IgptError(f"{src.name}: the {split} split has no usable images")
+    return pix, np.concatenate(labels) if labels else None
+
+
+class TokenWriter:
+    """Appends uint16 rows to a .npy file whose final shape (n, t) is known up front."""
+
+    def __init__(self, path: Path, n: int, t: int):
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        np.lib.format.write_array_header_2_0(self.f, {"descr": "<u2", "fortran_order": False, "shape": (n, t)})
+        self.left = n
+
+    def write(self, ids: np.ndarray) -> None:
+        self.f.write(ids.astype("<u2", copy=False).tobytes())
+        self.left -= len(ids)
+
+    def close(self) -> None:
+        self.f.close()
+        assert self.left == 0, "row count does not match the header"
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Build token shards as described in the module docstring; returns the meta.json content."""
+    src = open_source(cfg.data, cfg.data_dir, cfg.channels, cfg.skip_bad)
+    pal_file = None
+    if cfg.palette != "fit":  # check the palette before decoding anything
+        pal_file = Palette.load(cfg.palette)
+        pal_file.check_channels(src.channels, f"the data ({src.name})")
+    out = Path(cfg.out)
+    with atomic_dir(out) as tmp:
+        decoded = {split: _decode_split(src, split, cfg, tmp) for split in src.splits}
+        # output split -> (decoded split it comes from, mask over that split's rows)
+        routes: dict[str, tuple[str, np.ndarray]] = {}
+        n_train = decoded["train"][0].rows
+        if "val" in decoded:
+            routes["train"] = ("train", np.ones(n_train, dtype=bool))
+            routes["val"] = ("val", np.ones(decoded["val"][0].rows, dtype=bool))
+        else:
+            is_val = val_mask(n_train, cfg.val_fraction, cfg.seed)
+            routes["train"], routes["val"] = ("train", ~is_val), ("train", is_val)
+        if "test" in decoded:
+            routes["test"] = ("test", np.ones(decoded["test"][0].rows, dtype=bool))
+        fit_info = None
+        if pal_file is None:
+            k = cfg.palette_size or (512 if src.channels == 3 else 16)
+            train_rows = np.flatnonzero(routes["train"][1])
+            px = sample_pixels(decoded["train"][0], train_rows, cfg.fit_pixels, cfg.seed, cfg.chunk_size)
+            fit = fit_palette(px, k, seed=cfg.seed, device=cfg.fit_device)
+            palette = fit.palette
+            fit_info = {"k": k, "pixels": len(px), "distinct_colours": fit.n_unique, "inertia": fit.inertia,
+                        "iterations": fit.n_iter}
+        else:
+            palette = pal_file
+        palette.save(tmp / "palette.npy")
+        t = cfg.n_px * cfg.n_px
+        counts = {split: int(mask.sum()) for split, (_, mask) in routes.items()}
+        with _bar(sum(p.rows for p, _ in decoded.values()), "quantize") as bar:
+            for dsplit, (pixels, labels) in decoded.items():  # pass 2: one sequential read per decoded split
+                outs = {o: TokenWriter(tmp / f"{o}_tokens.npy", counts[o], t) for o, (d, _) in routes.items()
+                        if d == dsplit}
+                for s, x in pixels.chunks(cfg.chunk_size):
+                    ids = palette.quantize(x).reshape(len(x), t)
+                    for o, w in outs.items():
+                        w.write(ids[routes[o][1][s : s + len(x)]])
+                    bar.update(len(x))
+                for o, w in outs.items():
+                    w.close()
+                    if labels is not None:
+                        np.save(tmp / f"{o}_labels.npy", labels[routes[o][1]], allow_pickle=False)
+                pixels.path.unlink()
+        meta = {
+            "format": FORMAT, "version": FORMAT_VERSION, "created_by": f"igpt {__version__}",
+            "n_px": cfg.n_px, "channels": src.channels, "palette_size": palette.k, "palette_sha256": palette.hash,
+            "source": src.name, "counts": counts, "labels": all(decoded[d][1] is not None for d, _ in routes.values()),
+            "class_names": src.class_names, "split_seed": cfg.seed, "val_fraction": cfg.val_fraction,
+            "skipped": sorted(f for s in src.splits.values() for f in s.skipped),
+            "palette_fit": fit_info, "config": asdict(cfg),
+        }
+        atomic_write_bytes(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())  # written last
+    return meta
+
+
+# -- loading ------------------------------------------------------------------------------------------------
+@dataclass
+class Shards:
+    root: Path
+    meta: dict
+    palette: Palette
+
+    @property
+    def n_px(self) -> int:
+        return self.meta["n_px"]
+
+    @property
+    def splits(self) -> list[str]:
+        return [s for s in SPLITS if s in self.meta["counts"]]
+
+    def tokens(self, split: str) -> np.ndarray:
+        """Memory-mapped uint16 ids (N, n_px * n_px) of one split."""
+        if split not in self.meta["counts"]:
+            raise IgptError(f"{self.root}: no '{split}' split (has {', '.join(self.splits)})")
+        return np.load(self.root / f"{split}_tokens.npy", mmap_mode="r", allow_pickle=False)
+
+    def labels(self, split: str) -> np.ndarray | None:
+        path = self.root / f"{split}_labels.npy"
+        return np.load(path, allow_pickle=False) if path.is_file() else None
+
+
+def load_shards(path: str | Path) -> Shards:
+    """Open a shard directory made by ``prepare``, checking it is complete and consistent."""
+    root = Path(path)
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise IgptError(f"{root}: not a complete shard directory (no meta.json; run `igpt prepare`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise IgptError(f"{meta_path}: not an igpt shard description (format {meta.get('format')!r})")
+        n_px, counts = int(meta["n_px"]), dict(meta["counts"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise IgptError(f"{meta_path}: malformed ({e})") from None
+    palette = Palette.load(root / "palette.npy")
+    if palette.hash != meta.get("palette_sha256"):
+        raise IgptError(f"{root}: palette.npy does not match the palette the shards were made with (meta.json)")
+    if palette.channels != meta.get("channels"):
+        raise IgptError(f"{root}: meta.json says {meta.get('channels')} channels, palette.npy has {palette.channels}")
+    shards = Shards(root, meta, palette)
+    for split, n in counts.items():
+        try:
+            t = shards.tokens(split)
+        except (OSError, ValueError) as e:
+            raise IgptError(f"{root / f'{split}_tokens.npy'}: unreadable ({e})") from None
+        if t.dtype != np.uint16 or t.shape != (n, n_px * n_px):
+            raise IgptError(f"{root / f'{split}_tokens.npy'}: {t.dtype} {t.shape}, meta.json says uint16 "
+                            f"({n}, {n_px * n_px})")
+    return shards
+
+
+def describe(meta: dict) -> str:
+    counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
+    return (f"{meta['source']}: {counts} images at {meta['n_px']}x{meta['n_px']}, "
+            f"{channel_name(meta['channels'])}, palette of {meta['palette_size']} colours")

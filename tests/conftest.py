@@ -1,0 +1,44 @@
+"""Shared fixtures: real data in ../shared/data (skipped when absent) and writers for small test files."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not (SHARED / "README.md").is_file():
+        pytest.skip(f"real data not present at {SHARED}")
+    return SHARED
+
+
+def write_idx(path: Path, arr: np.ndarray, compress: bool | None = None) -> Path:
+    """Write a uint8 array as an IDX file (gzip when the name ends in .gz)."""
+    head = bytes([0, 0, 0x08, arr.ndim]) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    data = head + np.ascontiguousarray(arr, dtype=np.uint8).tobytes()
+    if compress if compress is not None else path.suffix == ".gz":
+        data = gzip.compress(data)
+    path.write_bytes(data)
+    return path
+
+
+def write_cifar_batch(path: Path, images: np.ndarray, labels, key: str = "labels", protocol: int = 2) -> Path:
+    """Write images (N, 32, 32, 3) as a CIFAR python batch, as the original files lay them out."""
+    d = {b"batch_label": b"test batch", key.encode(): list(map(int, labels)),
+         b"data": images.transpose(0, 3, 1, 2).reshape(len(images), -1).copy(),
+         b"filenames": [f"img{i}.png".encode() for i in range(len(images))]}
+    path.write_bytes(pickle.dumps(d, protocol=protocol))
+    return path
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
