@@ -42,19 +42,27 @@ def pack_rgb(pixels: np.ndarray) -> np.ndarray:
     return (p[..., 0] << 16) | (p[..., 1] << 8) | p[..., 2]
 
 
-def nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
+def nearest(points: np.ndarray, centres: np.ndarray, margin: float = 1e-4) -> np.ndarray:
     """Index of the nearest centre for each point, squared Euclidean distance, ties to the lowest index.
 
-    points: (N, C) float64; centres: (k, C). Uses the expanded form |a|^2 - 2ab + |b|^2 in float64, as the
-    ``transformers`` ImageGPT processor does, so ids agree with it except at exact ties.
+    points: (N, C) float64; centres: (k, C). A float32 pass finds the nearest centre; rows whose best two
+    distances lie within ``margin`` (far above float32 rounding, ~1e-6 here) are decided again in float64 with
+    the expanded form |a|^2 - 2ab + |b|^2 that the ``transformers`` ImageGPT processor uses, so ids agree with
+    it except at exact ties.
     """
     c = np.asarray(centres, dtype=np.float64)
     c2 = np.einsum("kc,kc->k", c, c)
+    m2c32, c2_32 = (-2.0 * c.T).astype(np.float32), c2.astype(np.float32)
     out = np.empty(len(points), dtype=np.int64)
     for s in range(0, len(points), _CHUNK):
         a = points[s : s + _CHUNK]
-        d = c2[None, :] - 2.0 * (a @ c.T)  # |a|^2 is constant per row and cannot change the argmin
-        out[s : s + _CHUNK] = d.argmin(axis=1)
+        d = a.astype(np.float32) @ m2c32  # (n, k); |a|^2 is constant per row and cannot change the argmin
+        d += c2_32
+        i = d.argmin(axis=1)
+        close = (d <= d[np.arange(len(d)), i][:, None] + margin).sum(axis=1) > 1
+        if close.any():
+            i[close] = (c2[None, :] - 2.0 * (a[close] @ c.T)).argmin(axis=1)
+        out[s : s + _CHUNK] = i
     return out
 
 

@@ -1,0 +1,61 @@
+"""The command line: help for every command, one-line errors with a non-zero exit, prepare end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from igpt.cli import build_parser, main
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "igpt.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=300)
+
+
+def commands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    return list(sub.choices)
+
+
+def test_help_lists_every_command():
+    r = run("--help")
+    assert r.returncode == 0
+    for name in commands():
+        assert name in r.stdout
+
+
+@pytest.mark.parametrize("name", commands())
+def test_every_command_has_help(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([name, "--help"])
+    assert e.value.code == 0 and "usage: igpt " + name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["prepare", "--data", "no/such/place", "--out", "o"], "no such file or folder"),
+    (["prepare", "--palette", "missing.npy", "--out", "o"], "palette file not found"),
+    (["prepare", "--palette", "x.npy", "--palette-size", "8", "--out", "o"], "--palette-size only applies"),
+    (["prepare", "--n-px", "1", "--out", "o"], "n_px must be"),
+])
+def test_user_errors_are_one_line(tmp_path, args, message):
+    r = run(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("igpt: error: ") and message in lines[0]
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_prepare_command_end_to_end(tmp_path):
+    r = run("prepare", "--data", "fashion-mnist-mini", "--n-px", "12", "--palette-size", "8", "--out",
+            str(tmp_path / "sh"))
+    assert r.returncode == 0, r.stderr
+    assert "train 7200, val 800, test 2000" in r.stdout
+    for split in ("train", "val", "test"):
+        t = np.load(tmp_path / "sh" / f"{split}_tokens.npy", mmap_mode="r")
+        assert t.dtype == np.uint16 and t.shape[1] == 144 and int(t.max()) < 8
+        assert len(np.load(tmp_path / "sh" / f"{split}_labels.npy")) == len(t)
+    assert {"palette.npy", "palette.json", "meta.json"} <= {p.name for p in (tmp_path / "sh").iterdir()}

@@ -1,0 +1,172 @@
+"""Token shards: contents equal the in-memory pipeline, deterministic splits, atomic and idempotent writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt import prepare as prep
+from igpt.data import to_square
+from igpt.datasets import open_source
+from igpt.errors import IgptError
+from igpt.palette import Palette
+from igpt.prepare import PrepareConfig, load_shards, prepare, val_mask
+
+
+def make_folder(root, rng, classes=("a", "b", "c"), per=7, size=(20, 14)):
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per):
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def in_memory(data, n_px, palette, val_fraction=0.1, seed=0):
+    """The same pipeline without streaming or files: decode all, resize, quantize, split."""
+    src = open_source(str(data))
+    out = {}
+    for name, split in src.splits.items():
+        imgs, labs = [], []
+        for x, y in split.chunks(10**9):
+            imgs += [to_square(im, n_px) for im in x]
+            labs += [] if y is None else list(y)
+        out[name] = (palette.quantize(np.stack(imgs)).reshape(len(imgs), -1), np.array(labs))
+    ids, labs = out.pop("train")
+    m = val_mask(len(ids), val_fraction, seed)
+    out["train"], out["val"] = (ids[~m], labs[~m]), (ids[m], labs[m])
+    return out
+
+
+def test_val_mask_is_deterministic():
+    a = val_mask(1000, 0.1, seed=5)
+    assert a.sum() == 100 and np.array_equal(a, val_mask(1000, 0.1, seed=5))
+    assert not np.array_equal(a, val_mask(1000, 0.1, seed=6))
+    assert val_mask(7, 0.0, 0).sum() == 0
+
+
+def test_shards_equal_in_memory_pipeline(tmp_path, rng):
+    data = make_folder(tmp_path / "imgs", rng)
+    cfg = PrepareConfig(out=str(tmp_path / "out"), data=str(data), n_px=8, palette_size=12, chunk_size=4)
+    meta = prepare(cfg)
+    sh = load_shards(tmp_path / "out")
+    assert meta["counts"] == {"train": 19, "val": 2} and meta["class_names"] == ["a", "b", "c"]
+    assert sh.palette.k == 12 and sh.palette.channels == 3 and meta["palette_sha256"] == sh.palette.hash
+    ref = in_memory(data, 8, sh.palette)
+    for split in ("train", "val"):
+        t = sh.tokens(split)
+        assert isinstance(t, np.memmap) and t.dtype == np.uint16 and t.shape[1] == 64
+        assert np.array_equal(np.asarray(t), ref[split][0])
+        assert np.array_equal(sh.labels(split), ref[split][1])
+
+
+def test_bundled_prepare_with_given_palette(tmp_path):
+    pal = Palette(np.linspace(-1, 1, 8)[:, None].astype(np.float32))
+    pal.save(tmp_path / "grey8.npy")
+    meta = prepare(PrepareConfig(out=str(tmp_path / "o"), n_px=14, palette=str(tmp_path / "grey8.npy")))
+    assert meta["counts"] == {"train": 7200, "val": 800, "test": 2000} and meta["palette_fit"] is None
+    sh = load_shards(tmp_path / "o")
+    assert np.array_equal(sh.palette.centers, pal.centers)
+    src = open_source("fashion-mnist-mini")
+    x, y = next(src.splits["test"].chunks(50))
+    ref = pal.quantize(np.stack([to_square(im, 14) for im in x])).reshape(50, -1)
+    assert np.array_equal(sh.tokens("test")[:50], ref) and np.array_equal(sh.labels("test")[:50], y)
+
+
+def test_rerun_is_idempotent(tmp_path, rng):
+    data = make_folder(tmp_path / "imgs", rng, per=3)
+    cfg = PrepareConfig(out=str(tmp_path / "out"), data=str(data), n_px=6, palette_size=5)
+    prepare(cfg)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    prepare(cfg)
+    second = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    assert first == second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out"]  # no temporary folders left
+
+
+def test_interrupted_prepare_leaves_nothing_loadable(tmp_path, rng, monkeypatch):
+    data = make_folder(tmp_path / "imgs", rng, per=3)
+    cfg = PrepareConfig(out=str(tmp_path / "out"), data=str(data), n_px=6, palette_size=5, chunk_size=2)
+    calls = {"n": 0}
+    real = Palette.quantize
+
+    def dying(self, x):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C half way through pass 2
+        return real(self, x)
+
+    monkeypatch.setattr(Palette, "quantize", dying)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+    monkeypatch.setattr(Palette, "quantize", real)
+    prepare(cfg)
+    before = (tmp_path / "out" / "meta.json").read_bytes()
+    calls["n"] = 0
+    monkeypatch.setattr(Palette, "quantize", dying)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    assert (tmp_path / "out" / "meta.json").read_bytes() == before  # the previous complete output survives
+    load_shards(tmp_path / "out")
+
+
+def test_skip_bad_counts_files(tmp_path, rng):
+    data = make_folder(tmp_path / "imgs", rng, per=4)
+    (data / "b" / "2.png").write_bytes(b"")
+    with pytest.raises(IgptError, match="2.png: an empty file"):
+        prepare(PrepareConfig(out=str(tmp_path / "o"), data=str(data), n_px=6, palette_size=5))
+    assert not (tmp_path / "o").exists()
+    meta = prepare(PrepareConfig(out=str(tmp_path / "o"), data=str(data), n_px=6, palette_size=5, skip_bad=True))
+    assert meta["skipped"] == [str(data / "b" / "2.png")] and sum(meta["counts"].values()) == 11
+
+
+def test_palette_channel_mismatch_refused_before_decoding(tmp_path, rng):
+    Palette(rng.uniform(-1, 1, (16, 3))).save(tmp_path / "rgb.npy")
+    with pytest.raises(IgptError, match="palette is RGB.*grey"):
+        prepare(PrepareConfig(out=str(tmp_path / "o"), palette=str(tmp_path / "rgb.npy"), n_px=8))
+
+
+def test_config_contradictions():
+    with pytest.raises(IgptError, match="palette-size only applies"):
+        PrepareConfig(out="x", palette="p.npy", palette_size=16)
+    with pytest.raises(IgptError, match="val_fraction"):
+        PrepareConfig(out="x", val_fraction=1.5)
+    with pytest.raises(IgptError, match="n_px"):
+        PrepareConfig(out="x", n_px=0)
+
+
+def test_load_shards_checks(tmp_path, rng):
+    data = make_folder(tmp_path / "imgs", rng, per=3)
+    prepare(PrepareConfig(out=str(tmp_path / "o"), data=str(data), n_px=6, palette_size=5))
+    with pytest.raises(IgptError, match="no meta.json"):
+        load_shards(tmp_path / "imgs")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    meta["counts"]["train"] += 1
+    (tmp_path / "o" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(IgptError, match="train_tokens.npy.*meta.json says"):
+        load_shards(tmp_path / "o")
+    meta["counts"]["train"] -= 1
+    meta["palette_sha256"] = "0" * 64
+    (tmp_path / "o" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(IgptError, match="palette.npy does not match"):
+        load_shards(tmp_path / "o")
+
+
+def test_sample_pixels_from_chosen_rows(tmp_path):
+    pix = prep.PixelFile(tmp_path / "p.u8", 2, 1)
+    pix.append(np.arange(40, dtype=np.uint8).reshape(10, 2, 2, 1))
+    got = prep.sample_pixels(pix, np.array([1, 3]), 100, seed=0, chunk=3)  # fewer pixels than asked: all of them
+    assert sorted(got[:, 0].tolist()) == [4, 5, 6, 7, 12, 13, 14, 15]
+    got = prep.sample_pixels(pix, np.arange(10), 5, seed=0, chunk=3)
+    assert len(got) == 5 and len(np.unique(got)) == 5
+
+
+@pytest.mark.shared_data
+def test_full_fashion_mnist(tmp_path, shared_data):
+    meta = prepare(PrepareConfig(out=str(tmp_path / "o"), data="fashion-mnist", data_dir=str(shared_data), n_px=16))
+    assert meta["counts"] == {"train": 54000, "val": 6000, "test": 10000}
+    sh = load_shards(tmp_path / "o")
+    assert sh.tokens("train").max() < 16 and len(np.unique(sh.labels("test"))) == 10
