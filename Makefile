@@ -20,8 +20,9 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# Until `igpt demo` lands: the pipeline that exists, on the bundled data (no network needed).
 demo: $(VENV)/.installed
-	$(VENV)/bin/igpt demo
+	$(VENV)/bin/igpt prepare --data fashion-mnist-mini --n-px 28 --out runs/demo/shards
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check src tests bench

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from igpt.data import convert_channels, decode_image, to_square
+from igpt.images import convert_channels, decode_image, to_square
 from igpt.palette import Palette, fit_palette, to_unit
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

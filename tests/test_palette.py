@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from igpt.data import convert_channels, decode_image, to_square
 from igpt.errors import IgptError
+from igpt.images import convert_channels, decode_image, to_square
 from igpt.palette import Palette, fit_palette, nearest, to_unit
 
 

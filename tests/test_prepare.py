@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from igpt import prepare as prep
-from igpt.data import to_square
 from igpt.datasets import open_source
 from igpt.errors import IgptError
+from igpt.images import to_square
 from igpt.palette import Palette
 from igpt.prepare import PrepareConfig, load_shards, prepare, val_mask
 

@@ -4,33 +4,23 @@ Every source yields uint8 images (N, H, W, C) with C = 1 (grey) or 3 (RGB), inte
 has them, and class names where it knows them. Sources are read in chunks (``Split.chunks``), so memory does
 not grow with the size of the data set.
 
-Decoding policy for image files (``decode_image``):
-- grey (L, 1-bit) stays grey; RGB stays RGB; CMYK, YCbCr, LAB and HSV are converted to RGB;
-- an alpha channel (RGBA, LA, PA, P with transparency) is composited on white;
-- palette images (P) are expanded to RGB;
-- 16-bit images (I;16*, I) are scaled to 8 bits (v * 255 / 65535, rounded), never clipped;
-- the EXIF orientation is applied;
-- truncated, empty or non-image files raise ``IgptError`` naming the file (or are skipped with skip_bad).
-Resizing (``to_square``): a non-square image is centre-cropped to a square, then resized to n_px x n_px with
-an area (box) filter when shrinking and bilinear when enlarging.
+The image decoding policy and resizing live in ``igpt.images``.
 """
 
 from __future__ import annotations
 
 import gzip
 import pickle
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from igpt.errors import IgptError
+from igpt.images import GREY_MODES, IMAGE_EXTS, composite_on_white, convert_channels, decode_image
 
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-_GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 _MAX_ELEMENTS = 1 << 34  # refuse headers that claim more than 16 GiB of pixels before allocating anything
 
 Chunk = tuple[list[np.ndarray] | np.ndarray, np.ndarray | None]  # (images (b, H, W, C) uint8, labels (b,))
@@ -54,84 +44,6 @@ class Source:
     channels: int  # 1 or 3: every image of every split is converted to this
     splits: dict[str, Split]  # "train", optionally "val" and "test"
     class_names: list[str] | None = None
-
-
-# -- image decoding -----------------------------------------------------------------------------------------
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """uint8 (H, W, C + 1) with alpha last -> uint8 (H, W, C), composited on a white background."""
-    c = rgba[..., :-1].astype(np.uint32)
-    a = rgba[..., -1:].astype(np.uint32)
-    return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
-
-
-def _to_array(im: Image.Image, path: Path) -> np.ndarray:
-    """A decoded PIL image -> uint8 (H, W, 1 or 3) under the policy in the module docstring."""
-    mode = im.mode
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        a = np.asarray(im).astype(np.int64)
-        if a.min() < 0 or a.max() > 65535:
-            raise IgptError(f"{path}: integer image with values outside 0..65535 is not supported")
-        return ((a * 255 + 32767) // 65535).astype(np.uint8)[..., None]
-    if mode == "F":
-        raise IgptError(f"{path}: floating-point images (mode F) are not supported; save it as 8 or 16 bit")
-    if mode in ("1", "L"):
-        return np.asarray(im.convert("L"))[..., None]
-    if mode in ("LA", "La"):
-        return _composite_on_white(np.asarray(im.convert("LA")))
-    if mode == "RGB":
-        return np.asarray(im)
-    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
-        return _composite_on_white(np.asarray(im.convert("RGBA")))
-    return np.asarray(im.convert("RGB"))  # P, CMYK, YCbCr, LAB, HSV, ...
-
-
-def decode_image(path: str | Path) -> np.ndarray:
-    """Decode one image file -> uint8 (H, W, 1) or (H, W, 3); ``IgptError`` naming the file if it can't."""
-    path = Path(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                im = ImageOps.exif_transpose(im)
-                return _to_array(im, path)
-    except IgptError:
-        raise
-    except UnidentifiedImageError:
-        size = path.stat().st_size if path.exists() else 0
-        what = "an empty file" if size == 0 else "not an image Pillow can read"
-        raise IgptError(f"{path}: {what}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise IgptError(f"{path}: cannot decode image ({e})") from None
-
-
-def convert_channels(img: np.ndarray, channels: int) -> np.ndarray:
-    """uint8 (H, W, c) -> (H, W, channels): grey repeated to RGB, or RGB to grey with ITU-R 601-2 luma."""
-    if img.shape[-1] == channels:
-        return img
-    if channels == 3:
-        return np.repeat(img, 3, axis=-1)
-    return np.asarray(Image.fromarray(img).convert("L"))[..., None]
-
-
-def to_square(img: np.ndarray, n_px: int) -> np.ndarray:
-    """uint8 (H, W, C) -> (n_px, n_px, C): centre crop to a square, then box filter down / bilinear up."""
-    h, w, c = img.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    img = img[top : top + s, left : left + s]
-    if s == n_px:
-        return np.ascontiguousarray(img)
-    pil = Image.fromarray(img[..., 0] if c == 1 else img)
-    out = np.asarray(pil.resize((n_px, n_px), Image.Resampling.BOX if s > n_px else Image.Resampling.BILINEAR))
-    return out[..., None] if c == 1 else out
-
-
-def resize_batch(images: list[np.ndarray] | np.ndarray, n_px: int) -> np.ndarray:
-    """A chunk of images (each (H, W, C) uint8) -> one uint8 array (b, n_px, n_px, C)."""
-    if isinstance(images, np.ndarray) and images.shape[1:3] == (n_px, n_px):
-        return np.ascontiguousarray(images)
-    return np.stack([to_square(im, n_px) for im in images]) if len(images) else np.zeros((0, n_px, n_px, 1), np.uint8)
 
 
 # -- IDX (MNIST, Fashion-MNIST) -----------------------------------------------------------------------------
@@ -306,7 +218,7 @@ def _file_channels(path: Path) -> int:
     """Channels the decoding policy gives this file, from its header only (no pixel decoding)."""
     try:
         with Image.open(path) as im:
-            return 1 if im.mode in _GREY_MODES else 3
+            return 1 if im.mode in GREY_MODES else 3
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return 1  # a bad file does not decide the channel count; decoding it reports the problem
 
@@ -378,7 +290,7 @@ def normalise_array(x: np.ndarray, where: str) -> np.ndarray:
     elif x.dtype != np.uint8:
         raise IgptError(f"{where}: images must be uint8 (or uint16), got {x.dtype}")
     if x.shape[-1] == 4:
-        x = _composite_on_white(x)
+        x = composite_on_white(x)
     return x
 
 

@@ -17,9 +17,10 @@ import numpy as np
 from tqdm import tqdm
 
 from igpt import __version__
-from igpt.data import Source, convert_channels, resize_batch
+from igpt.data import Source
 from igpt.datasets import BUNDLED, open_source
 from igpt.errors import IgptError
+from igpt.images import convert_channels, resize_batch
 from igpt.io import atomic_dir, atomic_write_bytes
 from igpt.palette import Palette, channel_name, fit_palette
 

@@ -1,0 +1,107 @@
+"""The image decoding policy on real files of each kind, and resizing to n_px x n_px."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt import images
+from igpt.errors import IgptError
+
+
+def save(im: Image.Image, path, **kw):
+    im.save(path, **kw)
+    return path
+
+
+def test_decode_grey_rgb_cmyk(tmp_path, rng):
+    g = rng.integers(0, 256, (6, 5), dtype=np.uint8)
+    out = images.decode_image(save(Image.fromarray(g), tmp_path / "g.png"))
+    assert out.shape == (6, 5, 1) and np.array_equal(out[..., 0], g)
+    c = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    assert np.array_equal(images.decode_image(save(Image.fromarray(c), tmp_path / "c.png")), c)
+    bw = Image.fromarray(g > 127).convert("1")
+    assert np.array_equal(images.decode_image(save(bw, tmp_path / "b.png"))[..., 0], np.where(g > 127, 255, 0))
+    cmyk = Image.fromarray(c).convert("CMYK")
+    out = images.decode_image(save(cmyk, tmp_path / "k.tif"))
+    assert out.shape == (6, 5, 3) and np.array_equal(out, np.asarray(cmyk.convert("RGB")))
+
+
+def test_decode_alpha_composited_on_white(tmp_path):
+    rgba = np.array([[[255, 0, 0, 255], [255, 0, 0, 0], [0, 0, 255, 128]]], np.uint8)
+    out = images.decode_image(save(Image.fromarray(rgba), tmp_path / "a.png"))
+    assert out.tolist() == [[[255, 0, 0], [255, 255, 255], [127, 127, 255]]]
+    la = Image.fromarray(np.array([[[0, 255], [0, 0], [100, 128]]], np.uint8).reshape(1, 3, 2), "LA")
+    out = images.decode_image(save(la, tmp_path / "la.png"))
+    assert out.shape == (1, 3, 1) and out[..., 0].tolist() == [[0, 255, 177]]
+
+
+def test_decode_palette_images(tmp_path):
+    p = Image.new("P", (2, 1))
+    p.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    p.putpixel((0, 0), 0)
+    p.putpixel((1, 0), 1)
+    assert images.decode_image(save(p, tmp_path / "p.png")).tolist() == [[[10, 20, 30], [200, 100, 50]]]
+    out = images.decode_image(save(p, tmp_path / "pt.png", transparency=1))  # colour 1 transparent -> white
+    assert out.tolist() == [[[10, 20, 30], [255, 255, 255]]]
+
+
+def test_decode_16bit_keeps_levels(tmp_path):
+    ramp = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)  # every 8-bit level once, as 16-bit
+    im = Image.fromarray(ramp)  # mode I;16
+    out = images.decode_image(save(im, tmp_path / "r16.png"))
+    assert out.shape == (16, 16, 1)
+    assert np.array_equal(out[..., 0].ravel(), np.arange(256))  # scaled, not clipped to 255
+
+
+def test_decode_exif_orientation(tmp_path):
+    a = np.zeros((2, 3, 3), np.uint8)
+    a[0, 0] = [255, 0, 0]  # red at top-left of the stored pixels
+    im = Image.fromarray(a)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    out = images.decode_image(save(im, tmp_path / "o.png", exif=exif))
+    assert out.shape == (3, 2, 3)  # displayed upright: portrait
+    assert out[0, 1].tolist() == [255, 0, 0]  # top-left moved to the top-right
+
+
+def test_decode_bad_files_name_the_file(tmp_path, rng):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "PNG")
+    (tmp_path / "trunc.png").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("hello, not an image")
+    with pytest.raises(IgptError, match="trunc.png: cannot decode"):
+        images.decode_image(tmp_path / "trunc.png")
+    with pytest.raises(IgptError, match="empty.png: an empty file"):
+        images.decode_image(tmp_path / "empty.png")
+    with pytest.raises(IgptError, match="text.jpg: not an image"):
+        images.decode_image(tmp_path / "text.jpg")
+
+
+def test_to_square_crop_and_filters(rng):
+    img = rng.integers(0, 256, (10, 16, 3), dtype=np.uint8)
+    sq = images.to_square(img, 10)  # crop only: the centre 10 columns
+    assert np.array_equal(sq, img[:, 3:13])
+    small = images.to_square(img, 5)
+    ref = np.asarray(Image.fromarray(img[:, 3:13]).resize((5, 5), Image.Resampling.BOX))
+    assert np.array_equal(small, ref)
+    blocks = img[:, 3:13].astype(np.float64).reshape(5, 2, 5, 2, 3).mean((1, 3))  # box = area average
+    assert np.abs(small - blocks).max() <= 1
+    assert images.to_square(img[..., :1], 20).shape == (20, 20, 1)
+
+
+
+@pytest.mark.shared_data
+def test_real_files_decode(shared_data):
+    emoji = sorted((shared_data / "emoji" / "animals-nature").glob("*.png"))[:5]
+    for f in emoji:
+        with Image.open(f) as im:
+            assert im.mode in ("RGBA", "P", "RGB")
+        out = images.decode_image(f)
+        assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+    jpg = sorted((shared_data / "samples" / "imagenet").glob("*.jpg"))[0]
+    assert images.decode_image(jpg).shape == (512, 512, 3)
