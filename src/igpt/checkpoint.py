@@ -1,0 +1,134 @@
+"""Model checkpoints: a directory holding everything needed to rebuild and reuse the model.
+
+    CKPT/
+      model.safetensors   the ImageGPT state dict (our parameter names, nn.Linear layout)
+      config.json         ImageGPTConfig.to_dict()
+      palette.npy         the palette (k, C) in [-1, 1], when known (+ palette.json, its sidecar)
+      heads.safetensors   optional extra heads, e.g. {"score": (num_labels, d)} from an HF classifier
+
+Writes are atomic: the files go into a temporary directory beside CKPT (each fsynced) which then takes
+CKPT's place, so a reader sees the old checkpoint or the new one, never a mix. Loading reads safetensors
+only (no pickle) and validates the config and every tensor's name and shape.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from igpt.errors import IgptError
+from igpt.io import atomic_dir
+from igpt.model import ImageGPT, ImageGPTConfig
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+PALETTE_FILE = "palette.npy"
+HEADS_FILE = "heads.safetensors"
+
+
+def check_replaceable(path: Path, markers: tuple[str, ...] = (MODEL_FILE, CONFIG_FILE)) -> None:
+    """Refuse to overwrite something that is not an (old) output of ours: a file, or a non-empty directory
+    holding none of ``markers``. Replacing a directory deletes it, so a wrong --out must not cost data."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise IgptError(f"{path} exists and is not a directory; choose another output path")
+    entries = list(path.iterdir())
+    if entries and not any((path / m).is_file() for m in markers):
+        raise IgptError(f"{path} is a non-empty directory that is not a checkpoint; refusing to replace it")
+
+
+def save_model(path: str | Path, model: ImageGPT, palette=None, heads: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (and ``palette``: a Palette or (k, C) array; ``heads``: extra tensors) to directory
+    ``path`` atomically, replacing an older checkpoint there. Returns the path."""
+    from igpt.palette import Palette
+
+    path = Path(path)
+    check_replaceable(path)
+    cfg = model.config
+    pal = None
+    if palette is not None:
+        pal = palette if isinstance(palette, Palette) else Palette(np.asarray(palette))
+        if pal.k != cfg.palette_size:
+            raise IgptError(f"palette has {pal.k} colours but the model has palette_size {cfg.palette_size}")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_dir(path) as tmp:
+        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        if pal is not None:
+            pal.save(tmp / PALETTE_FILE)
+        if heads:
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in heads.items()}, str(tmp / HEADS_FILE))
+    return path
+
+
+def read_config(path: str | Path) -> ImageGPTConfig:
+    """The validated ImageGPTConfig of checkpoint directory ``path``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise IgptError(f"checkpoint not found: {path} (a checkpoint is a directory with {MODEL_FILE} and {CONFIG_FILE})")
+    f = path / CONFIG_FILE
+    try:
+        d = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise IgptError(f"{f}: missing (is {path} a checkpoint directory?)") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise IgptError(f"{f}: not readable JSON ({e})") from None
+    try:
+        return ImageGPTConfig.from_dict(d)
+    except (IgptError, TypeError) as e:
+        raise IgptError(f"{f}: {e}") from None
+
+
+def read_tensors(f: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of safetensors file ``f``; IgptError naming the file when it is missing or corrupt."""
+    if not f.is_file():
+        raise IgptError(f"{f}: missing")
+    try:
+        return load_file(str(f), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise IgptError(f"{f}: corrupt or not a safetensors file ({e})") from None
+
+
+def build_model(cfg: ImageGPTConfig, state: dict[str, torch.Tensor], source: str) -> ImageGPT:
+    """ImageGPT(cfg) holding ``state`` (tensors adopted, not copied); IgptError listing any missing, unknown
+    or misshapen tensor, naming ``source``."""
+    with torch.device("meta"):
+        model = ImageGPT(cfg)
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(state))
+    unknown = sorted(set(state) - set(want))
+    if missing or unknown:
+        raise IgptError(f"{source}: tensors do not match the config; missing {missing or 'none'}, "
+                        f"unknown {unknown or 'none'}")
+    bad = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in want.items() if state[k].shape != s]
+    if bad:
+        raise IgptError(f"{source}: wrong tensor shapes: {', '.join(bad)}")
+    model.load_state_dict(state, assign=True)
+    return model.eval()
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Checkpoint directory -> (ImageGPT in eval mode on ``device``, Palette or None)."""
+    from igpt.palette import Palette
+
+    path = Path(path)
+    cfg = read_config(path)
+    model = build_model(cfg, read_tensors(path / MODEL_FILE, device), str(path / MODEL_FILE))
+    palette = None
+    if (path / PALETTE_FILE).exists():
+        palette = Palette.load(path / PALETTE_FILE)
+        if palette.k != cfg.palette_size:
+            raise IgptError(f"{path / PALETTE_FILE}: {palette.k} colours, but the model has {cfg.palette_size}")
+    return model, palette
+
+
+def load_heads(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Extra heads saved with the checkpoint ({} when there are none)."""
+    f = Path(path) / HEADS_FILE
+    return read_tensors(f, device) if f.exists() else {}

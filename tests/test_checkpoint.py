@@ -1,0 +1,107 @@
+"""Model checkpoint directories: round trip, atomic replacement, clear errors for bad files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from igpt_testutil import grey_palette, rgb_palette, tiny_model
+from safetensors.torch import save_file
+
+from igpt.checkpoint import load_heads, load_model, read_config, save_model
+from igpt.errors import IgptError
+from igpt.palette import Palette
+
+
+def test_round_trip_with_palette_and_heads(tmp_path):
+    m = tiny_model(seed=3)
+    score = torch.randn(5, 24)
+    save_model(tmp_path / "ck", m, palette=rgb_palette(16), heads={"score": score})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "config.json", "heads.safetensors", "model.safetensors", "palette.json", "palette.npy"]
+    m2, pal = load_model(tmp_path / "ck")
+    assert m2.config == m.config and not m2.training
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    assert isinstance(pal, Palette) and np.array_equal(pal.centers, rgb_palette(16))
+    assert torch.equal(load_heads(tmp_path / "ck")["score"], score)
+    x = torch.randint(0, 17, (2, 64))
+    with torch.no_grad():
+        assert torch.equal(m(x), m2(x))
+    assert all(p.requires_grad for p in m2.parameters())  # usable for fine-tuning
+
+
+def test_without_palette_and_grey_palette(tmp_path):
+    m = tiny_model()
+    save_model(tmp_path / "a", m)
+    assert load_model(tmp_path / "a")[1] is None and load_heads(tmp_path / "a") == {}
+    save_model(tmp_path / "b", m, palette=Palette(grey_palette(16)))
+    assert load_model(tmp_path / "b")[1].channels == 1
+    with pytest.raises(IgptError, match="palette_size 16"):
+        save_model(tmp_path / "c", m, palette=grey_palette(8))
+
+
+def test_replaces_an_old_checkpoint_atomically(tmp_path):
+    save_model(tmp_path / "ck", tiny_model(seed=1), palette=rgb_palette(16))
+    m2 = tiny_model(seed=2)
+    save_model(tmp_path / "ck", m2)  # no palette this time: the old palette.npy must not linger
+    loaded, pal = load_model(tmp_path / "ck")
+    assert pal is None and torch.equal(loaded.wte.weight, m2.wte.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp or old dirs left behind
+
+
+def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "precious.txt").write_text("x")
+    with pytest.raises(IgptError, match="not a checkpoint"):
+        save_model(tmp_path / "data", tiny_model())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(IgptError, match="not a directory"):
+        save_model(tmp_path / "file", tiny_model())
+    assert (tmp_path / "data" / "precious.txt").read_text() == "x"
+    (tmp_path / "empty").mkdir()
+    save_model(tmp_path / "empty", tiny_model())
+
+
+def test_errors_name_the_bad_file(tmp_path):
+    ck = tmp_path / "ck"
+    with pytest.raises(IgptError, match="checkpoint not found"):
+        load_model(ck)
+    save_model(ck, tiny_model())
+    (ck / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(IgptError, match="model.safetensors: corrupt"):
+        load_model(ck)
+    (ck / "model.safetensors").unlink()
+    with pytest.raises(IgptError, match="model.safetensors: missing"):
+        load_model(ck)
+    (ck / "config.json").write_text("{not json")
+    with pytest.raises(IgptError, match="config.json: not readable JSON"):
+        load_model(ck)
+    (ck / "config.json").write_text(json.dumps({"n_px": 8, "n_embd": 30, "n_head": 4}))
+    with pytest.raises(IgptError, match="config.json: model config: n_embd"):
+        read_config(ck)
+    (ck / "config.json").unlink()
+    with pytest.raises(IgptError, match="config.json: missing"):
+        load_model(ck)
+
+
+def test_missing_unknown_and_misshapen_tensors(tmp_path):
+    m = tiny_model()
+    save_model(tmp_path / "ck", m)
+    state = {k: v.contiguous() for k, v in m.state_dict().items()}
+    del state["h.1.ln_2.weight"]
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "ck" / "model.safetensors"))
+    with pytest.raises(IgptError, match=r"missing \['h.1.ln_2.weight'\], unknown \['extra.weight'\]"):
+        load_model(tmp_path / "ck")
+    state = {k: v.contiguous() for k, v in m.state_dict().items()}
+    state["wpe.weight"] = torch.zeros(10, 24)
+    save_file(state, str(tmp_path / "ck" / "model.safetensors"))
+    with pytest.raises(IgptError, match="wpe.weight"):
+        load_model(tmp_path / "ck")
+
+
+def test_a_hugging_face_directory_gets_a_hint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "imagegpt", "n_embd": 24}))
+    with pytest.raises(IgptError, match="import-hf"):
+        load_model(tmp_path)

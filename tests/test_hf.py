@@ -1,0 +1,195 @@
+"""Hugging Face ImageGPT checkpoints in and out, against a random-weight transformers model built locally."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from igpt_testutil import (
+    PARITY_CONFIGS,
+    grey_palette,
+    hf_attention_scale,
+    hf_model,
+    require_correct_hf_scale,
+    rgb_palette,
+    tiny_model,
+)
+
+from igpt.checkpoint import load_heads, load_model, save_model
+from igpt.errors import IgptError
+from igpt.hf import export_hf, import_hf, load_hf
+from igpt.model import ar_inputs
+from igpt.sample import generate
+
+transformers = pytest.importorskip("transformers")
+
+
+def _save_hf(model, path, clusters=None, bin_file=False, extra_state=None):
+    model.save_pretrained(path)
+    if clusters is not None:
+        proc = transformers.ImageGPTImageProcessorPil(clusters=clusters, size={"height": 8, "width": 8})
+        proc.save_pretrained(path)
+    if bin_file or extra_state:
+        (path / "model.safetensors").unlink()
+        state = {**model.state_dict(), **(extra_state or {})}
+        torch.save(state, path / "pytorch_model.bin")
+    return path
+
+
+def _compare(ref, ours, idx):
+    with torch.no_grad():
+        out = ref(idx, output_hidden_states=True)
+        logits, hidden = ours(idx), ours.hidden_states(idx)
+    assert (out.logits - logits).abs().max() <= 1e-5
+    for a, b in zip(hidden, out.hidden_states, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("shape", PARITY_CONFIGS[:2] + PARITY_CONFIGS[-2:])
+def test_import_matches_transformers(tmp_path, shape):
+    n_px, d, L, H, K = shape
+    require_correct_hf_scale(d // H)
+    ref = hf_model(*shape, seed=7)
+    clusters = rgb_palette(K)
+    _save_hf(ref, tmp_path / "hf", clusters)
+    info = import_hf(tmp_path / "hf", tmp_path / "ck")
+    assert info["lm_head"] and info["palette"] == K
+    ours, pal = load_model(tmp_path / "ck")
+    assert np.allclose(pal.centers, clusters)
+    _compare(ref, ours, ar_inputs(torch.randint(0, K, (2, n_px * n_px)), K))
+
+
+def test_export_loads_in_transformers_and_round_trips(tmp_path):
+    require_correct_hf_scale(6)
+    ours = tiny_model(seed=4, n_px=16, n_embd=36, n_head=6, palette_size=20)
+    save_model(tmp_path / "ck", ours, palette=rgb_palette(20))
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    ref = transformers.ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "hf").eval()
+    assert ref.config.n_positions == 256 and ref.config.vocab_size == 21
+    _compare(ref, ours, ar_inputs(torch.randint(0, 20, (2, 256)), 20))
+    proc = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    assert np.allclose(np.asarray(proc.clusters), rgb_palette(20))
+    import_hf(tmp_path / "hf", tmp_path / "ck2")  # and back: identical tensors
+    back, pal = load_model(tmp_path / "ck2")
+    for (k, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert np.allclose(pal.centers, rgb_palette(20))
+
+
+def test_grey_palette_survives_export(tmp_path):
+    save_model(tmp_path / "ck", tiny_model(), palette=grey_palette(16))
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    pc = json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())
+    assert np.asarray(pc["clusters"]).shape == (16, 3)  # what HF's processor can quantize
+    import_hf(tmp_path / "hf", tmp_path / "ck2")
+    assert load_model(tmp_path / "ck2")[1].channels == 1
+
+
+def test_greedy_continuations_match_generate(tmp_path):
+    n_px, d, L, H, K = 8, 27, 2, 3, 16  # head_dim 9
+    ref = hf_model(n_px, d, L, H, K, seed=11)
+    _save_hf(ref, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "ck")
+    ours, _ = load_model(tmp_path / "ck")
+    prefix = torch.randint(0, K, (3, 20))
+    for p in (None, prefix):
+        ctx = torch.full((3, 1), K) if p is None else torch.cat([torch.full((3, 1), K), p], 1)
+        with torch.no_grad():
+            want = ref.generate(input_ids=ctx, max_length=n_px * n_px + 1, do_sample=False, use_cache=True)
+        got = generate(ours, 3, prefix=p, top_k=1)
+        assert torch.equal(got, want[:, 1:])
+
+
+def test_bin_file_with_old_mask_buffers(tmp_path):
+    ref = hf_model(8, 36, 2, 4, 16, seed=2)  # head_dim 9
+    extra = {}
+    for i in range(2):
+        extra[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64, dtype=torch.bool)).view(1, 1, 64, 64)
+        extra[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    _save_hf(ref, tmp_path / "hf", extra_state=extra)
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    model, _, _, has_head = load_hf(tmp_path / "hf")
+    assert has_head
+    _compare(ref, model, ar_inputs(torch.randint(0, 16, (2, 64)), 16))
+    # c_attn.bias is a real parameter, not a mask buffer: it was loaded, not dropped
+    assert torch.equal(model.h[0].attn.c_attn.bias, ref.transformer.h[0].attn.c_attn.bias)
+
+
+def test_base_model_and_classifier(tmp_path):
+    require_correct_hf_scale(8)
+    base = hf_model(8, 24, 2, 3, 16, seed=5, cls_name="ImageGPTModel")
+    _save_hf(base, tmp_path / "base")
+    info = import_hf(tmp_path / "base", tmp_path / "ck")
+    assert not info["lm_head"] and "zero" in info["note"]
+    ours, _ = load_model(tmp_path / "ck")
+    assert not ours.lm_head.weight.any()
+    idx = torch.randint(0, 17, (2, 64))
+    with torch.no_grad():
+        want = base(idx, output_hidden_states=True).hidden_states
+    for a, b in zip(ours.hidden_states(idx), want, strict=True):
+        assert (a - b).abs().max() <= 1e-5
+
+    clf = hf_model(8, 24, 2, 3, 16, seed=6, cls_name="ImageGPTForImageClassification", num_labels=5)
+    _save_hf(clf, tmp_path / "clf")
+    model, _, heads, has_head = load_hf(tmp_path / "clf")
+    assert not has_head and heads["score"].shape == (5, 24)
+    pixels = torch.randint(0, 16, (2, 64))  # HF's classifier pools over the raw ids, without SOS
+    with torch.no_grad():
+        want = clf(pixels).logits
+        got = model.features(pixels, [2])[2] @ heads["score"].T
+    assert (want - got).abs().max() <= 1e-5
+    import_hf(tmp_path / "clf", tmp_path / "ck2")
+    assert torch.equal(load_heads(tmp_path / "ck2")["score"], heads["score"])
+
+
+def test_unknown_and_missing_keys_are_listed(tmp_path):
+    ref = hf_model(8, 24, 2, 3, 16)
+    _save_hf(ref, tmp_path / "hf", extra_state={"transformer.h.0.attn.rotary.inv_freq": torch.ones(3)})
+    with pytest.raises(IgptError, match=r"unknown.*h\.0\.attn\.rotary\.inv_freq"):
+        import_hf(tmp_path / "hf", tmp_path / "ck")
+    state = dict(ref.state_dict())
+    del state["transformer.h.1.mlp.c_fc.bias"]
+    torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(IgptError, match=r"missing \['h\.1\.mlp\.c_fc\.bias'\]"):
+        import_hf(tmp_path / "hf", tmp_path / "ck")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_unsupported_configs_and_files(tmp_path):
+    ref = hf_model(8, 24, 2, 3, 16)
+    _save_hf(ref, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for change, msg in (({"activation_function": "gelu"}, "activation_function"),
+                        ({"n_positions": 60}, "n_positions 60"),
+                        ({"model_type": "gpt2"}, "gpt2")):
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, **change}))
+        with pytest.raises(IgptError, match=msg):
+            import_hf(tmp_path / "hf", tmp_path / "ck")
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    with pytest.raises(IgptError, match="no model.safetensors or pytorch_model.bin"):
+        import_hf(tmp_path / "hf", tmp_path / "ck")
+    (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"garbage")
+    with pytest.raises(IgptError, match="pytorch_model.bin"):
+        import_hf(tmp_path / "hf", tmp_path / "ck")
+
+
+def test_bert_models_are_not_exported(tmp_path):
+    save_model(tmp_path / "ck", tiny_model(mode="bert"))
+    with pytest.raises(IgptError, match="BERT"):
+        export_hf(tmp_path / "ck", tmp_path / "hf")
+
+
+def test_reference_scales_attention_correctly():
+    """The pinned transformers (5.24) scales by 1/sqrt(head_dim); 4.42-4.46.x (and 5.17) by 1/int(sqrt(...))."""
+    if hf_attention_scale() == "int":
+        pytest.skip(f"transformers {transformers.__version__} has the 1/int(sqrt(head_dim)) attention bug")
+    assert hf_attention_scale() == "float"
+
+
+def test_sharded_checkpoint(tmp_path):
+    ref = hf_model(8, 36, 2, 4, 16, seed=9)  # head_dim 9
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    model, _, _, _ = load_hf(tmp_path / "hf")
+    _compare(ref, model, ar_inputs(torch.randint(0, 16, (2, 64)), 16))
