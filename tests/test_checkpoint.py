@@ -53,7 +53,7 @@ def test_replaces_an_old_checkpoint_atomically(tmp_path):
 def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("x")
-    with pytest.raises(IgptError, match="not a checkpoint"):
+    with pytest.raises(IgptError, match="igpt did not write; refusing"):
         save_model(tmp_path / "data", tiny_model())
     (tmp_path / "file").write_text("x")
     with pytest.raises(IgptError, match="not a directory"):

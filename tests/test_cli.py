@@ -59,3 +59,32 @@ def test_prepare_command_end_to_end(tmp_path):
         assert t.dtype == np.uint16 and t.shape[1] == 144 and int(t.max()) < 8
         assert len(np.load(tmp_path / "sh" / f"{split}_labels.npy")) == len(t)
     assert {"palette.npy", "palette.json", "meta.json"} <= {p.name for p in (tmp_path / "sh").iterdir()}
+
+
+def test_import_export_and_sample_commands(tmp_path):
+    import torch
+    from igpt_testutil import hf_model, rgb_palette
+    from transformers import ImageGPTForCausalImageModeling, ImageGPTImageProcessorPil
+
+    ref = hf_model(8, 24, 2, 3, 16, seed=1).eval()
+    ref.save_pretrained(tmp_path / "hf")
+    ImageGPTImageProcessorPil(clusters=rgb_palette(16)).save_pretrained(tmp_path / "hf")
+    r = run("import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"))
+    assert r.returncode == 0, r.stderr
+    assert "2 layers, 24 wide, 3 heads, 8x8" in r.stdout and "palette 16" in r.stdout
+    r = run("export-hf", str(tmp_path / "ck"), "--out", str(tmp_path / "hf2"))
+    assert r.returncode == 0, r.stderr
+    back = ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "hf2").eval()
+    x = torch.randint(0, 17, (2, 64))
+    with torch.no_grad():
+        assert torch.allclose(back(x).logits, ref(x).logits, atol=1e-5)
+    r = run("sample", "--checkpoint", str(tmp_path / "ck"), "--n", "3", "--out", str(tmp_path / "g.png"),
+            "--top-k", "1", "--tokens-out", str(tmp_path / "t.npy"))
+    assert r.returncode == 0, r.stderr
+    t = np.load(tmp_path / "t.npy")
+    assert t.shape == (3, 64) and (tmp_path / "g.png").stat().st_size > 0
+    assert (t == t[0]).all()  # greedy: every sample is the same image
+    r = run("sample", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "g.png"), "--rows", "2")
+    assert r.returncode == 2 and r.stderr.strip() == "igpt: error: --rows needs --complete-from"
+    r = run("import-hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "ck2"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

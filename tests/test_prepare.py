@@ -170,3 +170,11 @@ def test_full_fashion_mnist(tmp_path, shared_data):
     assert meta["counts"] == {"train": 54000, "val": 6000, "test": 10000}
     sh = load_shards(tmp_path / "o")
     assert sh.tokens("train").max() < 16 and len(np.unique(sh.labels("test"))) == 10
+
+
+def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("years of work")
+    with pytest.raises(IgptError, match="docs is a non-empty directory that igpt did not write"):
+        prepare(PrepareConfig(out=str(tmp_path / "docs"), n_px=8))
+    assert (tmp_path / "docs" / "thesis.tex").read_text() == "years of work"

@@ -11,6 +11,7 @@ from PIL import Image
 from igpt.checkpoint import save_model
 from igpt.errors import IgptError
 from igpt.model import ImageGPT, ar_inputs
+from igpt.palette import Palette
 from igpt.sample import Decoder, filter_logits, generate, image_grid, pick_tokens, sample_to_grid
 
 
@@ -125,10 +126,14 @@ def test_image_grid_layout():
 
 
 def _shards(path, toks, split="test", n_px=8, k=16):
+    """A shard directory as `igpt prepare` lays it out (see igpt.prepare), with one split."""
     path.mkdir()
-    (path / "meta.json").write_text(json.dumps({"n_px": n_px, "channels": 1, "palette_size": k}))
-    np.save(path / "palette.npy", grey_palette(k))
+    pal = Palette(grey_palette(k))
+    pal.save(path / "palette.npy")
     np.save(path / f"{split}_tokens.npy", toks.astype(np.uint16))
+    meta = {"format": "igpt-shards", "version": 1, "n_px": n_px, "channels": 1, "palette_size": k,
+            "palette_sha256": pal.hash, "counts": {split: len(toks)}}
+    (path / "meta.json").write_text(json.dumps(meta))
     return path
 
 

@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from igpt.errors import IgptError
-from igpt.io import atomic_dir
+from igpt.io import atomic_dir, check_replaceable
 from igpt.model import ImageGPT, ImageGPTConfig
 
 MODEL_FILE = "model.safetensors"
@@ -31,25 +31,13 @@ PALETTE_FILE = "palette.npy"
 HEADS_FILE = "heads.safetensors"
 
 
-def check_replaceable(path: Path, markers: tuple[str, ...] = (MODEL_FILE, CONFIG_FILE)) -> None:
-    """Refuse to overwrite something that is not an (old) output of ours: a file, or a non-empty directory
-    holding none of ``markers``. Replacing a directory deletes it, so a wrong --out must not cost data."""
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise IgptError(f"{path} exists and is not a directory; choose another output path")
-    entries = list(path.iterdir())
-    if entries and not any((path / m).is_file() for m in markers):
-        raise IgptError(f"{path} is a non-empty directory that is not a checkpoint; refusing to replace it")
-
-
 def save_model(path: str | Path, model: ImageGPT, palette=None, heads: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (and ``palette``: a Palette or (k, C) array; ``heads``: extra tensors) to directory
     ``path`` atomically, replacing an older checkpoint there. Returns the path."""
     from igpt.palette import Palette
 
     path = Path(path)
-    check_replaceable(path)
+    check_replaceable(path, (MODEL_FILE, CONFIG_FILE))
     cfg = model.config
     pal = None
     if palette is not None:

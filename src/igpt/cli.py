@@ -45,6 +45,42 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from igpt.hf import import_hf
+
+    info = import_hf(args.hf_dir, args.out)
+    c = info["config"]
+    print(f"imported {args.hf_dir}: {c['n_layer']} layers, {c['n_embd']} wide, {c['n_head']} heads, "
+          f"{c['n_px']}x{c['n_px']}, {info['parameters']:,} parameters, palette "
+          f"{info['palette'] or 'none (no preprocessor_config.json)'}")
+    if info["heads"]:
+        print(f"extra heads kept: {', '.join(info['heads'])}")
+    if info["note"]:
+        print(f"note: {info['note']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from igpt.hf import export_hf
+
+    info = export_hf(args.checkpoint, args.out)
+    if info["dropped_heads"]:
+        print(f"note: heads not exported (ImageGPTForCausalImageModeling has none): {', '.join(info['dropped_heads'])}")
+    print(f"wrote {args.out} (transformers.ImageGPTForCausalImageModeling.from_pretrained loads it)")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from igpt.sample import sample_to_grid
+
+    ids = sample_to_grid(args.checkpoint, args.n, args.out, complete_from=args.complete_from, rows=args.rows,
+                         seed=args.seed, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         tokens_out=args.tokens_out, per_image=args.per_image, device=args.device)
+    print(f"sampled {len(ids)} image(s); wrote {args.out}" + (f" and {args.tokens_out}" if args.tokens_out else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from igpt.datasets import names
 
@@ -71,6 +107,39 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fit-pixels", type=int, default=1_000_000, help="pixels sampled for the palette fit")
     q.add_argument("--out", required=True, help="output directory (replaced atomically)")
     q.set_defaults(func=cmd_prepare)
+
+    h = sub.add_parser("import-hf", help="convert a Hugging Face ImageGPT checkpoint into an igpt checkpoint",
+                       description="Read a transformers ImageGPT directory (config.json + model.safetensors or "
+                                   "pytorch_model.bin, loaded with weights_only=True; preprocessor_config.json "
+                                   "for the palette) and write an igpt checkpoint directory.")
+    h.add_argument("hf_dir", help="directory as save_pretrained writes it")
+    h.add_argument("--out", required=True, help="checkpoint directory to write")
+    h.set_defaults(func=cmd_import_hf)
+
+    e = sub.add_parser("export-hf", help="write an igpt checkpoint in the Hugging Face ImageGPT format",
+                       description="Write config.json, model.safetensors and preprocessor_config.json (the "
+                                   "palette as clusters) so ImageGPTForCausalImageModeling.from_pretrained loads it.")
+    e.add_argument("checkpoint", help="igpt checkpoint directory")
+    e.add_argument("--out", required=True, help="directory to write")
+    e.set_defaults(func=cmd_export_hf)
+
+    s = sub.add_parser("sample", help="sample images or complete test images from their top rows",
+                       description="KV-cached sampling into a PNG grid. With --complete-from, each source image "
+                                   "keeps its top --rows rows and gets --per-image completions; grid rows are "
+                                   "original | top rows | completions.")
+    s.add_argument("--checkpoint", required=True, help="igpt checkpoint directory")
+    s.add_argument("--n", type=int, default=16, help="images to generate in all (default 16)")
+    s.add_argument("--out", required=True, help="PNG grid to write")
+    s.add_argument("--complete-from", help="token shards whose test (else val) images are completed")
+    s.add_argument("--rows", type=int, help="rows kept from each source image (default n_px / 2)")
+    s.add_argument("--per-image", type=int, default=4, help="completions per source image (default 4)")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
+    s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
+    s.add_argument("--top-k", type=int, help="keep the k most likely colours (--top-k 1 is greedy)")
+    s.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with probability >= p")
+    s.add_argument("--tokens-out", help="also save the generated palette ids, (N, n_px^2), as .npy")
+    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.set_defaults(func=cmd_sample)
 
     d = sub.add_parser("datasets", help="list the named data sets and where they come from")
     d.set_defaults(func=cmd_datasets)

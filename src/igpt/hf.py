@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from igpt.checkpoint import build_model, check_replaceable, load_heads, load_model, read_tensors, save_model
+from igpt.checkpoint import build_model, load_heads, load_model, read_tensors, save_model
 from igpt.errors import IgptError
-from igpt.io import atomic_dir
+from igpt.io import atomic_dir, check_replaceable
 from igpt.model import ImageGPT, ImageGPTConfig
 
 CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from igpt.errors import IgptError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -70,3 +72,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(path: Path, markers: tuple[str, ...]) -> None:
+    """Refuse to overwrite something that is not an (old) output of ours: a file, or a non-empty directory
+    holding none of ``markers`` (the files our own outputs always have). Replacing a directory deletes
+    it, so a wrong --out must not cost data."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise IgptError(f"{path} exists and is not a directory; choose another output path")
+    entries = list(path.iterdir())
+    if entries and not any((path / m).is_file() for m in markers):
+        raise IgptError(f"{path} is a non-empty directory that igpt did not write; refusing to replace it")

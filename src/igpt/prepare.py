@@ -21,7 +21,7 @@ from igpt.data import Source
 from igpt.datasets import BUNDLED, open_source
 from igpt.errors import IgptError
 from igpt.images import convert_channels, resize_batch
-from igpt.io import atomic_dir, atomic_write_bytes
+from igpt.io import atomic_dir, atomic_write_bytes, check_replaceable
 from igpt.palette import Palette, channel_name, fit_palette
 
 FORMAT = "igpt-shards"
@@ -147,6 +147,7 @@ class TokenWriter:
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Build token shards as described in the module docstring; returns the meta.json content."""
+    check_replaceable(Path(cfg.out), ("meta.json",))  # before any work: never replace a folder we did not write
     src = open_source(cfg.data, cfg.data_dir, cfg.channels, cfg.skip_bad)
     pal_file = None
     if cfg.palette != "fit":  # check the palette before decoding anything

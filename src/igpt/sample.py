@@ -10,7 +10,6 @@ from a seeded generator and inverts the cumulative distribution (no multinomial)
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,25 +258,16 @@ def completion_cells(originals: np.ndarray, rows: int, completions: np.ndarray, 
 
 def load_split(shards: str | Path, n_px: int, palette_size: int) -> tuple[np.ndarray, str]:
     """Token images from prepared shards: the test split, else val -> (uint16 (N, n_px^2), split name)."""
-    shards = Path(shards)
-    try:
-        meta = json.loads((shards / "meta.json").read_text())
-    except (OSError, ValueError) as e:
-        raise IgptError(f"{shards}: cannot read meta.json of the token shards ({e})") from None
-    if meta.get("n_px") != n_px or meta.get("palette_size") != palette_size:
-        raise IgptError(f"{shards}: shards are {meta.get('n_px')}px with {meta.get('palette_size')} colours, "
+    from igpt.prepare import load_shards
+
+    sh = load_shards(shards)
+    if sh.n_px != n_px or sh.palette.k != palette_size:
+        raise IgptError(f"{shards}: shards are {sh.n_px}px with {sh.palette.k} colours, "
                         f"the model wants {n_px}px with {palette_size}")
     for split in ("test", "val"):
-        f = shards / f"{split}_tokens.npy"
-        if f.is_file():
-            try:
-                toks = np.load(f, allow_pickle=False, mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raise IgptError(f"{f}: not a readable .npy ({e})") from None
-            if toks.ndim != 2 or toks.shape[1] != n_px * n_px or len(toks) == 0:
-                raise IgptError(f"{f}: expected (N > 0, {n_px * n_px}) tokens, got {toks.shape}")
-            return toks, split
-    raise IgptError(f"{shards}: no test_tokens.npy or val_tokens.npy to complete from")
+        if split in sh.splits and len(sh.tokens(split)):
+            return sh.tokens(split), split
+    raise IgptError(f"{shards}: no test or val images to complete from")
 
 
 def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_from: str | Path | None = None,
