@@ -181,3 +181,14 @@ def test_parity_with_transformers_synthetic(rng):
     images.append(np.asarray(Image.new("RGB", (16, 16), (12, 200, 99))))
     pal = Palette(rng.uniform(-1, 1, (64, 3)).astype(np.float32))
     assert assert_parity_except_ties(images, pal) == 0
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_matches_cpu_quality(rng):
+    px = np.concatenate([clustered_pixels(rng, k=16, spread=20), rng.integers(0, 256, (20000, 3), dtype=np.uint8)])
+    cpu = fit_palette(px, 64, seed=0, device="cpu")
+    gpu = fit_palette(px, 64, seed=0, device="cuda")
+    assert gpu.palette.centers.shape == (64, 3) and gpu.n_unique == cpu.n_unique
+    assert gpu.inertia == pytest.approx(cpu.inertia, rel=0.02)  # same algorithm; float sums differ in order
+    again = fit_palette(px, 64, seed=0, device="cuda")
+    assert again.inertia == pytest.approx(gpu.inertia, rel=1e-3)
