@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from igpt.checkpoint import build_model, load_heads, load_model, read_tensors, save_model
 from igpt.errors import IgptError
-from igpt.io import atomic_dir, check_replaceable
+from igpt.io import atomic_dir, check_replaceable, read_json
 from igpt.model import ImageGPT, ImageGPTConfig
 
 CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
@@ -135,12 +135,7 @@ def load_hf(hf_dir: str | Path):
     if not hf_dir.is_dir():
         raise IgptError(f"Hugging Face checkpoint directory not found: {hf_dir}")
     cfile = hf_dir / "config.json"
-    try:
-        hc = json.loads(cfile.read_text())
-    except FileNotFoundError:
-        raise IgptError(f"{cfile}: missing") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise IgptError(f"{cfile}: not readable JSON ({e})") from None
+    hc = read_json(cfile)
     cfg = hf_config_to_ours(hc, str(cfile))
     ours, heads = hf_state_to_ours(_read_hf_weights(hf_dir), str(hf_dir))
     has_head = "lm_head.weight" in ours

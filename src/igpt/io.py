@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -85,3 +86,13 @@ def check_replaceable(path: Path, markers: tuple[str, ...]) -> None:
     entries = list(path.iterdir())
     if entries and not any((path / m).is_file() for m in markers):
         raise IgptError(f"{path} is a non-empty directory that igpt did not write; refusing to replace it")
+
+
+def read_json(path: str | Path):
+    """Parse a JSON file; ``IgptError`` naming the file when it is missing or not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise IgptError(f"{path}: missing") from None
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise IgptError(f"{path}: not readable JSON ({e})") from None

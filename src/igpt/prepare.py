@@ -21,7 +21,7 @@ from igpt.data import Source
 from igpt.datasets import BUNDLED, open_source
 from igpt.errors import IgptError
 from igpt.images import convert_channels, resize_batch
-from igpt.io import atomic_dir, atomic_write_bytes, check_replaceable
+from igpt.io import atomic_dir, atomic_write_bytes, check_replaceable, read_json
 from igpt.palette import Palette, channel_name, fit_palette
 
 FORMAT = "igpt-shards"
@@ -239,8 +239,8 @@ def load_shards(path: str | Path) -> Shards:
     meta_path = root / "meta.json"
     if not meta_path.is_file():
         raise IgptError(f"{root}: not a complete shard directory (no meta.json; run `igpt prepare`)")
+    meta = read_json(meta_path)
     try:
-        meta = json.loads(meta_path.read_text())
         if meta.get("format") != FORMAT:
             raise IgptError(f"{meta_path}: not an igpt shard description (format {meta.get('format')!r})")
         n_px, counts = int(meta["n_px"]), dict(meta["counts"])
