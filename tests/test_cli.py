@@ -88,3 +88,21 @@ def test_import_export_and_sample_commands(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "igpt: error: --rows needs --complete-from"
     r = run("import-hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "ck2"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_train_command_and_python_m_igpt(tmp_path):
+    r = run("prepare", "--data", "fashion-mnist-mini", "--n-px", "8", "--palette-size", "8", "--out",
+            str(tmp_path / "sh"))
+    assert r.returncode == 0, r.stderr
+    args = ["train", "--data", str(tmp_path / "sh"), "--preset", "tiny", "--steps", "3", "--batch-size", "4",
+            "--out", str(tmp_path / "run"), "--save-every", "2", "--log-every", "1", "--eval-images", "8",
+            "--warmup", "1"]
+    r = subprocess.run([sys.executable, "-m", "igpt", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "step 3: loss" in r.stdout
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step-000003"
+    assert {"config.json", "metrics.jsonl", "loss.png"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    r = run("train", "--data", str(tmp_path / "sh"), "--preset", "tiny", "--batch-size", "6", "--micro-batch-size",
+            "4", "--out", str(tmp_path / "bad"))
+    assert r.returncode == 2 and "not divisible by ranks x micro_batch_size" in r.stderr
+    assert not (tmp_path / "bad").exists()

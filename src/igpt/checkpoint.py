@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from igpt.errors import IgptError
-from igpt.io import atomic_dir, check_replaceable
+from igpt.io import atomic_dir, check_replaceable, read_json
 from igpt.model import ImageGPT, ImageGPTConfig
 
 MODEL_FILE = "model.safetensors"
@@ -44,15 +44,22 @@ def save_model(path: str | Path, model: ImageGPT, palette=None, heads: dict[str,
         pal = palette if isinstance(palette, Palette) else Palette(np.asarray(palette))
         if pal.k != cfg.palette_size:
             raise IgptError(f"palette has {pal.k} colours but the model has palette_size {cfg.palette_size}")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_dir(path) as tmp:
-        save_file(state, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if pal is not None:
-            pal.save(tmp / PALETTE_FILE)
-        if heads:
-            save_file({k: v.detach().to("cpu").contiguous() for k, v in heads.items()}, str(tmp / HEADS_FILE))
+        write_model_files(tmp, model.state_dict(), cfg, pal, heads)
     return path
+
+
+def write_model_files(folder: Path, state: dict[str, torch.Tensor], cfg: ImageGPTConfig, palette=None,
+                      heads: dict[str, torch.Tensor] | None = None) -> None:
+    """The model checkpoint's files (weights, config, palette, heads) into ``folder``, which the caller makes
+    visible atomically (training checkpoints add their own files beside these)."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if palette is not None:
+        palette.save(folder / PALETTE_FILE)
+    if heads:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in heads.items()}, str(folder / HEADS_FILE))
 
 
 def read_config(path: str | Path) -> ImageGPTConfig:
@@ -61,12 +68,9 @@ def read_config(path: str | Path) -> ImageGPTConfig:
     if not path.is_dir():
         raise IgptError(f"checkpoint not found: {path} (a checkpoint is a directory with {MODEL_FILE} and {CONFIG_FILE})")
     f = path / CONFIG_FILE
-    try:
-        d = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise IgptError(f"{f}: missing (is {path} a checkpoint directory?)") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise IgptError(f"{f}: not readable JSON ({e})") from None
+    if not f.is_file():
+        raise IgptError(f"{f}: missing (is {path} a checkpoint directory?)")
+    d = read_json(f)
     try:
         return ImageGPTConfig.from_dict(d)
     except (IgptError, TypeError) as e:

@@ -81,6 +81,33 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from igpt.train import train
+    from igpt.train_config import TrainConfig
+
+    overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_px", "palette_size")
+                 if getattr(args, k) is not None}
+    cfg = TrainConfig(
+        data=args.data, preset=args.preset, model_overrides=overrides, objective=args.objective, out=args.out,
+        steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
+        warmup=args.warmup, weight_decay=args.weight_decay, dropout=args.dropout, grad_clip=args.grad_clip,
+        augment=args.augment, dtype=args.dtype, compile=args.compile,
+        activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp, device=args.device,
+        seed=args.seed, log_every=args.log_every, eval_every=args.eval_every, eval_images=args.eval_images,
+        save_every=args.save_every, keep=args.keep, resume=args.resume, stop_at=args.stop_at,
+        progress=args.progress,
+    )
+    res = train(cfg)
+    from igpt.distributed import print0
+
+    if res["losses"]:
+        last = max(res["losses"])
+        print0(f"step {last}: loss {res['losses'][last]:.4f} nats/token; wrote {cfg.out}")
+    else:
+        print0(f"nothing to do: {cfg.out} is already at step {cfg.steps}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from igpt.datasets import names
 
@@ -140,6 +167,45 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokens-out", help="also save the generated palette ids, (N, n_px^2), as .npy")
     s.add_argument("--device", default="cpu", help="torch device (default cpu)")
     s.set_defaults(func=cmd_sample)
+
+    t = sub.add_parser(
+        "train", help="pretrain on token shards (AR or BERT); one process or many under torchrun",
+        description="The paper's recipe: AdamW betas (0.9, 0.95), linear warm-up then cosine decay to 0, no "
+                    "weight decay or dropout, gradient clipping. --batch-size is the global batch, split over "
+                    "ranks (torchrun) and micro-batches. OUT gets config.json, metrics.jsonl, loss.png and "
+                    "checkpoints/ (step-NNNNNN directories and a 'latest' pointer).")
+    t.add_argument("--data", required=True, help="token shards from `igpt prepare`")
+    t.add_argument("--preset", default="cpu-small", help="model size: tiny, cpu-small, cpu-base, igpt-s, igpt-m, igpt-l, igpt-xl (default cpu-small)")
+    t.add_argument("--objective", choices=("ar", "bert"), default="ar", help="next pixel (ar) or masked pixel")
+    t.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
+    t.add_argument("--batch-size", type=int, default=64, help="global batch in images (default 64)")
+    t.add_argument("--micro-batch-size", type=int, help="images per forward pass per rank (default: all)")
+    t.add_argument("--out", default="runs/igpt", help="run directory (default runs/igpt)")
+    t.add_argument("--resume", help="'auto': continue the newest checkpoint in OUT, if any; or a checkpoint dir")
+    t.add_argument("--seed", type=int, default=0, help="init, data order, masks, augmentation (default 0)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, as the paper)")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout (default 0, as the paper)")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = off (default 1)")
+    t.add_argument("--augment", action="store_true", help="random crop (reflect pad) + horizontal flip")
+    t.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA and CPUs with native bf16, else fp32")
+    t.add_argument("--compile", action="store_true", help="torch.compile each block")
+    t.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
+    t.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP under torchrun")
+    t.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    t.add_argument("--log-every", type=int, default=10, help="steps between metrics rows (default 10)")
+    t.add_argument("--eval-every", type=int, default=500, help="steps between validations; 0 = at the end")
+    t.add_argument("--eval-images", type=int, default=1000, help="val images per validation; 0 = all")
+    t.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    t.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    t.add_argument("--stop-at", type=int, help="stop after this step (checkpointing) as if interrupted")
+    t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    for name in ("n-layer", "n-embd", "n-head", "n-px", "palette-size"):
+        t.add_argument(f"--{name}", type=int, help=f"override the preset's {name.replace('-', '_')}")
+    t.set_defaults(func=cmd_train)
 
     d = sub.add_parser("datasets", help="list the named data sets and where they come from")
     d.set_defaults(func=cmd_datasets)

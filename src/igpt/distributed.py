@@ -1,0 +1,128 @@
+"""Everything that knows about ranks: who am I, process-group start/stop, wrapping the model, rank-0 printing.
+
+Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); without it the run is a
+single process and nothing here touches torch.distributed. gloo on CPU, nccl on CUDA. The model stays
+single-device code: ``wrap_model`` applies torch.compile / DDP / FSDP2 from the outside, in one place.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int  # global rank, 0 .. world_size - 1
+    local_rank: int  # rank on this machine: picks the GPU
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def get_dist_info() -> DistInfo:
+    """Rank layout from torchrun's environment (1 process when it is absent); no process group needed."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("WORLD_SIZE", 1)))
+
+
+def pick_device(requested: str | None, info: DistInfo) -> torch.device:
+    """'cuda' -> this rank's GPU; None -> CUDA when present, else CPU."""
+    name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        return torch.device("cuda", info.local_rank)
+    return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Start the process group when torchrun launched several processes and none exists yet; True when this
+    call started it (so the caller should also stop it)."""
+    info = get_dist_info()
+    if not info.distributed or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return True
+
+
+def cleanup(started: bool, sync: bool = True) -> None:
+    """Stop the process group if this process started it. After success, a barrier first: a rank that tears
+    gloo down while another still talks to it can abort ('terminate called without an active exception', seen
+    in tests). After an error (``sync=False``) no barrier: the other ranks may be elsewhere."""
+    if started and dist.is_initialized():
+        try:
+            if sync:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if get_dist_info().is_main:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place (a no-op in one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_model(model: nn.Module, device: torch.device, fsdp: bool = False, compile: bool = False) -> nn.Module:
+    """The one place the single-device model is adapted for training: torch.compile per block (in place, so
+    parameter names do not change), then DDP (default) or FSDP2 ``fully_shard`` (each block, then the root)
+    when several processes run. Returns the module to call in the training step."""
+    if compile:
+        for blk in model.h:
+            blk.compile()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return model
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        for blk in model.h:
+            fully_shard(blk, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def grad_sync(wrapped: nn.Module, enabled: bool) -> None:
+    """Turn gradient all-reduce on (last micro-batch of an accumulation) or off (the others)."""
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(enabled)
+    elif hasattr(wrapped, "require_backward_grad_sync"):  # DDP (what no_sync() toggles)
+        wrapped.require_backward_grad_sync = enabled

@@ -1,0 +1,99 @@
+"""A run's outputs on rank 0: metrics.jsonl, loss.png, a progress bar or plain lines, TensorBoard if installed."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import sys
+from pathlib import Path
+
+from igpt.io import atomic_write_bytes
+
+METRICS = "metrics.jsonl"
+PLOT = "loss.png"
+
+
+def bits(nats: float) -> float:
+    """nats -> bits (per token: the paper's bits per dimension for one-channel-per-token palettes)."""
+    return nats / math.log(2)
+
+
+class RunLog:
+    """One JSON object per line in RUN/metrics.jsonl. On resume the rows after the resumed step (written by the
+    interrupted process after its last checkpoint) are dropped, so the file reads as one uninterrupted run."""
+
+    def __init__(self, out: Path, start_step: int, total: int, progress: bool | None):
+        self.out = out
+        self.path = out / METRICS
+        rows = [r for r in read_metrics(self.path) if r["step"] <= start_step] if start_step else []
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        self.rows = rows
+        self.file = open(self.path, "a")  # noqa: SIM115 - open for the whole run
+        show = sys.stderr.isatty() if progress is None else progress
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:  # tensorboard is optional
+            pass
+
+    def log(self, row: dict) -> None:
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, row["step"])
+        text = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+        else:
+            print(text, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def plot(self) -> None:
+        """loss.png: training loss per logged step and validation loss, in nats per token (atomic write)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        tr = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
+        va = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
+        if tr:
+            ax.plot(*zip(*tr), label="train")
+        if va:
+            ax.plot(*zip(*va), "o-", label="val")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats / token)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        atomic_write_bytes(self.out / PLOT, buf.getvalue())
+
+    def close(self) -> None:
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,120 @@
+"""Training checkpoints: a model checkpoint directory plus what an exact resume needs.
+
+    RUN/checkpoints/
+      step-000100/          a model checkpoint (model.safetensors, config.json, palette.npy; `igpt sample` reads it)
+        optimizer.pt        AdamW's full (unsharded) state dict, parameter names as keys
+        rng.pt              every RNG state of every rank (python, numpy, torch CPU, CUDA)
+        train_state.json    step, tokens seen, data position, world size, the resolved train config (written last)
+      latest                the name of the newest complete checkpoint, updated after it is in place
+Each checkpoint directory appears in one rename (igpt.io.atomic_dir), so a crash never leaves one that loads:
+loading requires train_state.json, and temporary directories start with '.'. ``.pt`` files hold only
+tensors, numbers, strings and lists, and are loaded with ``torch.load(weights_only=True)``.
+The model and optimizer states are full (gathered) ones, so a run saved by W ranks, with DDP or FSDP2, resumes
+on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from igpt.checkpoint import MODEL_FILE, build_model, read_config, read_tensors, write_model_files
+from igpt.errors import IgptError
+from igpt.io import atomic_dir, atomic_write_bytes
+
+OPTIM_FILE = "optimizer.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "train_state.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def rng_state() -> dict:
+    """This process's RNG states, as tensors / ints / lists only (safe for weights_only loading)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    py = random.getstate()
+    st = {"python": [py[0], list(py[1]), py[2]], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                           has_gauss, gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    v, keys, g = st["python"]
+    random.setstate((v, tuple(keys), g))
+    kind, keys, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+def save_train_checkpoint(ckpt_root: Path, model_state: dict, model_cfg, palette, optim_state: dict,
+                          rngs: list[dict], meta: dict, keep: int) -> Path:
+    """Write step-NNNNNN (call on rank 0 only, with gathered states), then point ``latest`` at it, then delete
+    all but the newest ``keep`` checkpoints. Returns the checkpoint directory."""
+    path = ckpt_root / step_dir_name(meta["step"])
+    with atomic_dir(path) as tmp:
+        write_model_files(tmp, model_state, model_cfg, palette)
+        torch.save(optim_state, tmp / OPTIM_FILE)
+        torch.save({"ranks": rngs}, tmp / RNG_FILE)
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_bytes(ckpt_root / LATEST, (path.name + "\n").encode())  # only after the directory is in place
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def is_complete(path: Path) -> bool:
+    return all((path / f).is_file() for f in (MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE))
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoint directories under ``ckpt_root``, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if is_complete(p)]
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The checkpoint ``latest`` names, or (pointer missing or stale) the newest complete one; None if none."""
+    pointer = ckpt_root / LATEST
+    if pointer.is_file():
+        p = ckpt_root / pointer.read_text().strip()
+        if _STEP_DIR.match(p.name) and is_complete(p):
+            return p
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def load_train_checkpoint(path: Path, model_cfg) -> dict:
+    """{'model': state dict, 'optim': state dict, 'rng': [per-rank states], 'meta': dict}; IgptError when the
+    directory is incomplete or holds a model of another shape than ``model_cfg``."""
+    path = Path(path)
+    if not is_complete(path):
+        raise IgptError(f"{path}: not a complete training checkpoint (needs {MODEL_FILE}, {OPTIM_FILE}, "
+                        f"{RNG_FILE}, {STATE_FILE})")
+    saved = read_config(path)
+    if saved != model_cfg:
+        diff = {k: (v, getattr(model_cfg, k)) for k, v in saved.to_dict().items() if getattr(model_cfg, k) != v}
+        raise IgptError(f"{path}: checkpoint of another model (saved vs now: {diff})")
+    state = build_model(saved, read_tensors(path / MODEL_FILE), str(path / MODEL_FILE)).state_dict()
+    try:
+        optim = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
+        rng = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)["ranks"]
+        meta = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise IgptError(f"{path}: unreadable training checkpoint ({e})") from None
+    return {"model": state, "optim": optim, "rng": rng, "meta": meta}

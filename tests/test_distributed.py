@@ -1,0 +1,87 @@
+"""torchrun with 2 CPU processes (gloo, 127.0.0.1): the same losses as 1 process, identical parameters on every
+rank, checkpoints that move between 1 and 2 ranks; DDP and FSDP2."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from igpt.train import train
+from igpt.train_config import TrainConfig
+
+pytestmark = pytest.mark.distributed
+WORKER = Path(__file__).with_name("dist_worker.py")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from igpt.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("sh") / "sh8"
+    prepare(PrepareConfig(out=str(out), data="fashion-mnist-mini", n_px=8, palette_size=8))
+    return out
+
+
+def config(shards, out, **kw) -> TrainConfig:
+    base = dict(data=str(shards), preset="tiny", out=str(out), steps=20, batch_size=8, micro_batch_size=2,
+                warmup=3, lr=3e-3, dtype="fp32", log_every=5, eval_every=0, eval_images=32, save_every=10, keep=5,
+                progress=False, objective="bert", augment=True)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def single(shards, tmp_path_factory):
+    """The 1-process reference: 20 steps, checkpoints at 10 and 20."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    res = train(config(shards, out))
+    return out, res["losses"], {k: v.detach().clone() for k, v in res["model"].state_dict().items()}
+
+
+def torchrun(cfg: TrainConfig, result: Path) -> list[dict]:
+    """Run tests/dist_worker.py on 2 ranks; returns [(losses, params)] per rank."""
+    result.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={port}", str(WORKER), json.dumps(cfg.to_dict()), str(result)],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return [({int(k): v for k, v in json.loads((result / f"rank{i}.json").read_text()).items()},
+             load_file(result / f"rank{i}.safetensors")) for i in (0, 1)]
+
+
+def close(a: dict, b: dict, steps) -> float:
+    return max(abs(a[s] - b[s]) for s in steps)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_match_one_and_checkpoints_move_between_them(shards, single, tmp_path, fsdp):
+    one_out, one_losses, one_params = single
+    # 2 ranks from scratch, same global batch: the same losses, the same parameters on both ranks
+    (l0, p0), (l1, p1) = torchrun(config(shards, tmp_path / "two", fsdp=fsdp), tmp_path / "res2")
+    assert l0 == l1 and sorted(l0) == list(range(1, 21)), (l0, l1)
+    assert close(l0, one_losses, range(1, 21)) <= 1e-5, (l0, one_losses)
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    assert max((p0[k] - one_params[k]).abs().max().item() for k in p0) <= 1e-5, {
+        k: (p0[k] - one_params[k]).abs().max().item() for k in p0}
+    # saved by 2 ranks at step 10 -> resumed by 1
+    res = train(config(shards, tmp_path / "two-to-one", resume=str(tmp_path / "two" / "checkpoints" / "step-000010")))
+    assert sorted(res["losses"]) == list(range(11, 21)) and close(res["losses"], one_losses, range(11, 21)) <= 1e-5, (
+        res["losses"], one_losses)
+    # saved by 1 rank at step 10 -> resumed by 2
+    (l0, p0), (l1, p1) = torchrun(config(shards, tmp_path / "one-to-two", fsdp=fsdp,
+                                         resume=str(one_out / "checkpoints" / "step-000010")), tmp_path / "res12")
+    assert sorted(l0) == list(range(11, 21)) and close(l0, one_losses, range(11, 21)) <= 1e-5, (l0, one_losses)
+    assert all(torch.equal(p0[k], p1[k]) for k in p0)
+    assert max((p0[k] - one_params[k]).abs().max().item() for k in p0) <= 1e-5, {
+        k: (p0[k] - one_params[k]).abs().max().item() for k in p0}

@@ -1,0 +1,144 @@
+"""Training: data stream, augmentation, guards against bad configs and non-finite losses, run outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import igpt.train as T
+from igpt.errors import IgptError
+from igpt.loader import BatchStream, crop_flip, reflect_index
+from igpt.train import train
+from igpt.train_config import TrainConfig
+from igpt.train_state import latest_checkpoint
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    from igpt.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("sh") / "sh8"
+    prepare(PrepareConfig(out=str(out), data="fashion-mnist-mini", n_px=8, palette_size=8))
+    return out
+
+
+def tiny(shards, out, **kw) -> TrainConfig:
+    base = dict(data=str(shards), preset="tiny", out=str(out), steps=6, batch_size=8, warmup=2, lr=3e-3,
+                dtype="fp32", log_every=1, eval_every=0, eval_images=32, save_every=3, progress=False)
+    return TrainConfig(**{**base, **kw})
+
+
+# -- data stream -----------------------------------------------------------------------------------------------
+def test_ranks_take_disjoint_parts_of_each_global_batch():
+    tokens = np.arange(50 * 4, dtype=np.uint16).reshape(50, 4)
+    one = BatchStream(tokens, 2, 12, seed=3)
+    for step in (0, 3, 4, 9):  # step 4 straddles the epoch boundary (48 .. 59 of 50)
+        parts = [BatchStream(tokens, 2, 12, seed=3, rank=r, world_size=3).rows(step) for r in range(3)]
+        assert np.array_equal(np.concatenate(parts), one.rows(step))
+    epoch0 = np.concatenate([one.rows(s) for s in range(4)])[:48]
+    assert len(set(epoch0.tolist())) == 48  # no repeats within an epoch
+    assert np.array_equal(BatchStream(tokens, 2, 12, seed=3).rows(7), one.rows(7))  # a pure function of step
+
+
+def test_masks_and_augmentation_do_not_depend_on_the_rank_split():
+    tokens = np.random.default_rng(0).integers(0, 8, (40, 16)).astype(np.uint16)
+    full, m = BatchStream(tokens, 4, 8, seed=1).batch_at(2, "bert", 0.3, True)
+    parts = [BatchStream(tokens, 4, 8, seed=1, rank=r, world_size=2).batch_at(2, "bert", 0.3, True) for r in (0, 1)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), full) and torch.equal(torch.cat([p[1] for p in parts]), m)
+
+
+def test_crop_flip_on_token_grids():
+    x = np.arange(2 * 16).reshape(2, 16)
+    assert np.array_equal(crop_flip(x, 4, 1, np.array([[1, 1], [1, 1]]), np.array([False, False])), x)
+    flipped = crop_flip(x, 4, 1, np.array([[1, 1], [1, 1]]), np.array([True, False]))
+    assert np.array_equal(flipped[0].reshape(4, 4), x[0].reshape(4, 4)[:, ::-1]) and np.array_equal(flipped[1], x[1])
+    shifted = crop_flip(x[:1], 4, 1, np.array([[0, 2]]), np.array([False]))  # up 1 (reflect), right 1
+    ref = np.pad(x[0].reshape(4, 4), 1, mode="reflect")[0:4, 2:6]
+    assert np.array_equal(shifted[0].reshape(4, 4), ref)
+    assert reflect_index(np.array([-2, -1, 0, 3, 4, 5]), 4).tolist() == [2, 1, 0, 3, 2, 1]
+
+
+# -- guards --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def no_data_no_group(monkeypatch):
+    """Fail the test if training reads token data or starts a process group."""
+    def boom(*a, **k):
+        raise AssertionError("read data or started a process group")
+    monkeypatch.setattr(T.D, "init_distributed", boom)
+    monkeypatch.setattr(T, "BatchStream", boom)
+
+
+@pytest.mark.parametrize("kw, env, message", [
+    (dict(batch_size=8), {"WORLD_SIZE": "3"}, "not divisible by the 3 ranks"),
+    (dict(batch_size=8, micro_batch_size=3), {}, "ranks x micro_batch_size"),
+    (dict(batch_size=8, micro_batch_size=4), {"WORLD_SIZE": "4", "RANK": "1"}, r"ranks x micro_batch_size \(4 x 4\)"),
+    (dict(preset="nope"), {}, "unknown model preset 'nope'"),
+    (dict(model_overrides={"n_px": 4}), {}, "longer than|larger than|position table"),
+    (dict(model_overrides={"n_px": 16}), {}, "n_px 16 contradicts the shards"),
+    (dict(model_overrides={"palette_size": 16}), {}, "palette_size 16 contradicts the shards"),
+])
+def test_contradictory_configs_fail_before_data_or_process_group(shards, tmp_path, monkeypatch, no_data_no_group,
+                                                                kw, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(IgptError, match=message):
+        train(tiny(shards, tmp_path / "run", **kw))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kw, field", [(dict(steps=0), "steps"), (dict(objective="gan"), "objective"),
+                                       (dict(dtype="fp8"), "dtype"), (dict(stop_at=9), "stop_at"),
+                                       (dict(model_overrides={"mode": "ar"}), "mode")])
+def test_config_fields_are_validated(shards, tmp_path, kw, field):
+    with pytest.raises(IgptError, match=field):
+        tiny(shards, tmp_path, **kw)
+
+
+def test_nan_loss_stops_before_the_optimizer_step(shards, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = T.ar_loss
+
+    def poisoned(logits, pixels):  # the 5th micro-batch loss (step 5) is NaN
+        calls["n"] += 1
+        loss = real(logits, pixels)
+        return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(T, "ar_loss", poisoned)
+    steps_done = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (steps_done.append(1), real_step(self, *a, **k))[1])
+    with pytest.raises(IgptError, match="non-finite loss .* at step 5"):
+        train(tiny(shards, tmp_path / "run"))
+    assert len(steps_done) == 4  # steps 1-4 only: the poisoned step never reached the optimizer
+    assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000003"
+
+
+@pytest.mark.parametrize("objective, augment", [("ar", False), ("bert", True)])
+def test_run_directory_and_learning(shards, tmp_path, objective, augment):
+    out = tmp_path / "run"
+    res = train(tiny(shards, out, objective=objective, augment=augment, steps=12, save_every=4, keep=2,
+                     eval_every=6, micro_batch_size=4))
+    assert {p.name for p in out.iterdir()} >= {"config.json", "metrics.jsonl", "loss.png", "checkpoints"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["mode"] == objective and cfg["accumulation"] == 2 and cfg["model"]["n_px"] == 8
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    assert all({"step", "loss", "lr", "tokens_per_s", "tokens"} <= set(r) for r in train_rows)
+    val_rows = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val_rows] == [6, 12] and val_rows[-1]["best_val_loss"] == min(res["val"].values())
+    assert abs(val_rows[0]["val_bits"] - val_rows[0]["val_loss"] / np.log(2)) < 1e-12
+    ck = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ck == ["latest", "step-000008", "step-000012"]  # keep 2
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-000012"
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+
+
+def test_existing_foreign_folder_is_not_replaced(shards, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "precious.txt").write_text("x")
+    with pytest.raises(IgptError, match="did not write"):
+        train(tiny(shards, tmp_path / "run"))

@@ -1,0 +1,113 @@
+"""Training checkpoints: exact resume across processes, atomic saves, the latest pointer, safe loading."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import igpt.train_state as TS
+from igpt.checkpoint import load_model
+from igpt.errors import IgptError
+from igpt.train import train
+from igpt.train_config import TrainConfig
+from igpt.train_state import latest_checkpoint, list_checkpoints
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from igpt.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("sh") / "sh8"
+    prepare(PrepareConfig(out=str(out), data="fashion-mnist-mini", n_px=8, palette_size=8))
+    return out
+
+
+FLAGS = ["--preset", "tiny", "--steps", "8", "--batch-size", "8", "--micro-batch-size", "4", "--warmup", "2",
+         "--lr", "3e-3", "--dtype", "fp32", "--log-every", "1", "--eval-every", "3", "--eval-images", "32",
+         "--dropout", "0.1", "--augment", "--objective", "bert", "--no-progress"]
+
+
+def igpt(*args):
+    r = subprocess.run([sys.executable, "-m", "igpt", "train", *args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def losses(run):
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows]
+
+
+def test_resume_is_exact_after_the_process_stops(shards, tmp_path):
+    """N steps in one go == K steps, process exits, a new process resumes to N: the same loss at every step
+    (dropout, BERT masks and augmentation included) and bit-identical parameters and optimizer state."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    igpt("--data", str(shards), "--out", str(a), "--save-every", "100", *FLAGS)
+    igpt("--data", str(shards), "--out", str(b), "--save-every", "100", "--stop-at", "5", *FLAGS)
+    assert latest_checkpoint(b / "checkpoints").name == "step-000005"
+    with open(b / "metrics.jsonl", "a") as f:  # rows an interrupted process wrote after its checkpoint
+        f.write(json.dumps({"step": 6, "loss": 99.0}) + "\n")
+    igpt("--data", str(shards), "--out", str(b), "--save-every", "100", "--resume", "auto", *FLAGS)
+    assert losses(a) == losses(b) and len(losses(a)) == 8 + 3
+    ca, cb = a / "checkpoints" / "step-000008", b / "checkpoints" / "step-000008"
+    pa, pb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    oa, ob = (torch.load(c / "optimizer.pt", weights_only=True) for c in (ca, cb))
+    assert all(torch.equal(oa["state"][k][s], ob["state"][k][s]) for k in oa["state"] for s in oa["state"][k])
+    model, palette = load_model(cb)  # a training checkpoint is a model checkpoint too
+    assert model.config.mode == "bert" and palette.k == 8
+
+
+def tiny(shards, out, **kw):
+    base = dict(data=str(shards), preset="tiny", out=str(out), steps=4, batch_size=4, warmup=1, dtype="fp32",
+                eval_every=0, eval_images=8, save_every=2, progress=False, log_every=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_interrupted_save_leaves_the_last_good_checkpoint(shards, tmp_path, monkeypatch):
+    real = TS.torch.save
+
+    def dies(obj, f, *a, **k):
+        if "step-000004" in str(f) or ".step-000004" in str(f):
+            raise KeyboardInterrupt
+        return real(obj, f, *a, **k)
+
+    monkeypatch.setattr(TS.torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(shards, tmp_path / "run"))
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-000002"]
+    assert latest_checkpoint(root).name == "step-000002" and not any(p.name.startswith(".") for p in root.iterdir())
+    # a directory without train_state.json (say, copied half-way) never counts as a checkpoint
+    (root / "step-000009").mkdir()
+    (root / "step-000009" / "model.safetensors").write_bytes(b"")
+    (root / "latest").write_text("step-000009\n")
+    assert latest_checkpoint(root).name == "step-000002"
+
+
+def test_resume_refuses_another_model_and_changed_settings(shards, tmp_path):
+    train(tiny(shards, tmp_path / "run", steps=2))
+    with pytest.raises(IgptError, match="checkpoint of another model.*n_layer"):
+        train(tiny(shards, tmp_path / "run", steps=2, resume="auto", model_overrides={"n_layer": 3}))
+    with pytest.raises(IgptError, match=r"changed settings \['lr'\]"):
+        train(tiny(shards, tmp_path / "run", steps=2, resume="auto", lr=0.1))
+    res = train(tiny(shards, tmp_path / "run", steps=2, resume="auto", log_every=2))  # bookkeeping may change
+    assert res["losses"] == {}
+    with pytest.raises(IgptError, match="no such checkpoint"):
+        train(tiny(shards, tmp_path / "other", resume=str(tmp_path / "nothing")))
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(shards, tmp_path):
+    res = train(tiny(shards, tmp_path / "run", steps=2, resume="auto"))
+    assert sorted(res["losses"]) == [1, 2]
+
+
+def test_a_fresh_run_never_mixes_with_an_old_one(shards, tmp_path):
+    train(tiny(shards, tmp_path / "run", steps=2))
+    with pytest.raises(IgptError, match="already holds a run with checkpoints; continue it with --resume auto"):
+        train(tiny(shards, tmp_path / "run", steps=2))
