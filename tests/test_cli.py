@@ -106,3 +106,43 @@ def test_train_command_and_python_m_igpt(tmp_path):
             "4", "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "not divisible by ranks x micro_batch_size" in r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_eval_and_probe_commands(tmp_path, capsys, monkeypatch):
+    import json
+
+    from igpt_testutil import tiny_model
+    from test_probe import write_shards
+
+    from igpt.checkpoint import save_model
+    from igpt.palette import Palette
+
+    sh = write_shards(tmp_path / "sh")
+    ck = save_model(tmp_path / "ck", tiny_model(n_px=4, palette_size=6), Palette.load(sh / "palette.npy"))
+    r = run("eval", "--checkpoint", str(ck), "--data", str(sh), "--out", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    assert "nats/token" in r.stdout and "bits/token" in r.stdout
+    e = json.loads((tmp_path / "e.json").read_text())
+    assert e["bits_per_token"] == pytest.approx(e["nats_per_token"] / np.log(2))
+    r = run("probe", "--checkpoint", str(ck), "--data", str(sh), "--out", str(tmp_path / "p"), "--layers", "0,2",
+            "--labels-per-class", "2,5", "--seeds", "2", "--cs", "0.1,1", "--cache")
+    assert r.returncode == 0, r.stderr
+    p = json.loads((tmp_path / "p" / "probe.json").read_text())
+    assert {"per_layer", "best_layer", "test_accuracy", "baseline_test_accuracy", "low_data"} <= set(p)
+    assert [row["layer"] for row in p["per_layer"]] == [0, 2]
+    assert [row["labels_per_class"] for row in p["low_data"]] == [2, 5]
+    assert (tmp_path / "p" / "probe.png").is_file() and "best layer" in r.stdout
+    assert (tmp_path / "p" / "features" / "test_layer2.npy").is_file()
+    monkeypatch.chdir(tmp_path)
+    for args, message in [
+        (["eval", "--checkpoint", str(ck), "--data", str(tmp_path / "none")], "not a complete shard directory"),
+        (["probe", "--checkpoint", str(ck), "--data", str(sh), "--out", "o", "--layers", "7"], "layers 0..2"),
+        (["probe", "--checkpoint", str(ck), "--data", str(sh), "--out", "o", "--labels-per-class", "a"],
+         "--labels-per-class must be"),
+        (["probe", "--checkpoint", str(ck), "--data", str(sh), "--out", "o", "--labels-per-class", "50"],
+         "fewer than 50"),
+    ]:
+        assert main(args) == 2  # in-process: the same handler as the console script, without a torch import each
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("igpt: error: ") and message in lines[0], lines
+    assert not (tmp_path / "o").exists()

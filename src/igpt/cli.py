@@ -108,6 +108,53 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from igpt.evaluate import EvalConfig, evaluate
+
+    cfg = EvalConfig(checkpoint=args.checkpoint, data=args.data, split=args.split, out=args.out,
+                     batch_size=args.batch_size, max_images=args.max_images, bert_mask_prob=args.mask_prob,
+                     seed=args.seed, device=args.device)
+    res = evaluate(cfg)
+    print(f"{res['split']}: {res['nats_per_token']:.5f} nats/token = {res['bits_per_token']:.5f} bits/token "
+          f"over {res['images']} images ({res['tokens']}); wrote {res['out']}")
+    return 0
+
+
+def _int_list(flag: str, text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise IgptError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from igpt.probe import DEFAULT_CS, ProbeConfig, run_probe
+
+    try:
+        cs = tuple(float(s) for s in args.cs.split(",")) if args.cs else DEFAULT_CS
+    except ValueError:
+        raise IgptError(f"--cs must be comma-separated numbers, got {args.cs!r}") from None
+    cfg = ProbeConfig(checkpoint=args.checkpoint, data=args.data, out=args.out, layers=args.layers,
+                      concat=args.concat, labels_per_class=_int_list("--labels-per-class", args.labels_per_class),
+                      seeds=args.seeds, Cs=cs, batch_size=args.batch_size, max_iter=args.max_iter,
+                      device=args.device, cache=args.cache)
+    res = run_probe(cfg)
+    print(f"best layer {res['best_layer']} (C {res['C']:g}, on val): val {100 * res['val_accuracy']:.2f}%, "
+          f"test {100 * res['test_accuracy']:.2f}%; raw pixels test {100 * res['baseline_test_accuracy']:.2f}%")
+    if "concat" in res:
+        c = res["concat"]
+        print(f"layers {c['layers']} concatenated: test {100 * c['test_accuracy']:.2f}%")
+    for w in res["warnings"]:
+        print(f"warning: {w}")
+    for r in res.get("low_data", []):
+        print(f"{r['labels_per_class']} labels/class: {100 * r['mean']:.2f} +- {100 * r['std']:.2f}% "
+              f"(raw pixels {100 * r['baseline_mean']:.2f} +- {100 * r['baseline_std']:.2f}%)")
+    print(f"wrote {args.out}/probe.json and {args.out}/probe.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from igpt.datasets import names
 
@@ -206,6 +253,39 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("n-layer", "n-embd", "n-head", "n-px", "palette-size"):
         t.add_argument(f"--{name}", type=int, help=f"override the preset's {name.replace('-', '_')}")
     t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("eval", help="test-set negative log-likelihood in nats and bits per token",
+                       description="Score a checkpoint on token shards: AR models on every pixel (the first "
+                                   "from SOS), BERT models on the pixels of a fixed seeded mask. Prints and "
+                                   "writes JSON with nats_per_token and bits_per_token.")
+    v.add_argument("--checkpoint", required=True, help="igpt checkpoint directory")
+    v.add_argument("--data", required=True, help="token shards from `igpt prepare`")
+    v.add_argument("--split", default="test", help="split to score (default test)")
+    v.add_argument("--out", help="JSON file to write (default CHECKPOINT/eval.json)")
+    v.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    v.add_argument("--max-images", type=int, default=0, help="score only the first N images (default 0: all)")
+    v.add_argument("--mask-prob", type=float, default=0.15, help="BERT: masking probability (default 0.15)")
+    v.add_argument("--seed", type=int, default=0, help="BERT: seed of the fixed mask (default 0)")
+    v.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    v.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("probe", help="per-layer linear probes, raw-pixel baseline, low-data protocol",
+                       description="Pooled features of each layer, L2 logistic regression (torch L-BFGS), the "
+                                   "layer and strength chosen on val, refit on train+val, test accuracy; the same "
+                                   "on raw pixels. Writes OUT/probe.json and OUT/probe.png.")
+    r.add_argument("--checkpoint", required=True, help="igpt checkpoint directory")
+    r.add_argument("--data", required=True, help="labelled token shards with train, val and test splits")
+    r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--layers", default="all", help="'all' (default) or comma-separated layers, e.g. 2,4,6")
+    r.add_argument("--concat", type=int, default=0, help="also probe layers best-K..best+K concatenated")
+    r.add_argument("--labels-per-class", help="low-data protocol: comma-separated K, e.g. 4,25,400")
+    r.add_argument("--seeds", type=int, default=5, help="low-data draws per K (default 5)")
+    r.add_argument("--cs", help="comma-separated C grid (sklearn's C; default 1e-3,1e-2,1e-1,1,10)")
+    r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    r.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default 1000)")
+    r.add_argument("--cache", action="store_true", help="keep features in OUT/features/*.npy and reuse them")
+    r.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    r.set_defaults(func=cmd_probe)
 
     d = sub.add_parser("datasets", help="list the named data sets and where they come from")
     d.set_defaults(func=cmd_datasets)

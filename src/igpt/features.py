@@ -1,0 +1,95 @@
+"""Probe inputs: pooled per-layer model features and raw-pixel baseline features, from token shards.
+
+Model features come from ``ImageGPT.features`` (mean over positions of the normalised residual stream), all
+requested layers from one forward pass per batch, the blocks above the deepest one never run. AR models get
+[SOS, x0 .. x_{n-2}] as input (the paper's / OpenAI's pooling), BERT models the unmasked pixels.
+Features can be cached as .npy files (no pickle), keyed by the weights file and the shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from igpt.io import atomic_write_bytes
+from igpt.model import ar_inputs
+
+
+@torch.no_grad()
+def extract_features(model, tokens: np.ndarray, layers, batch_size: int = 64, device="cpu") -> dict[int, np.ndarray]:
+    """uint16 ids (N, T) -> {layer: float32 (N, d)} in one pass over ``tokens``."""
+    cfg = model.config
+    layers = sorted({int(x) for x in layers})
+    out = {l: np.empty((len(tokens), cfg.n_embd), dtype=np.float32) for l in layers}  # noqa: E741
+    for i in range(0, len(tokens), batch_size):
+        px = torch.from_numpy(np.asarray(tokens[i : i + batch_size]).astype(np.int64)).to(device)  # (B, T)
+        idx = ar_inputs(px, cfg.sos_id) if cfg.mode == "ar" else px
+        for l, f in model.features(idx, layers).items():  # noqa: E741
+            out[l][i : i + len(px)] = f.float().cpu().numpy()  # (B, d)
+    return out
+
+
+def pixel_features(tokens: np.ndarray, palette) -> np.ndarray:
+    """uint16 ids (N, T) -> float32 (N, T * C) pixel values in [-1, 1]: each id's palette colour (the shards keep
+    no pixels from before quantization, so this is the closest raw-pixel input they allow)."""
+    px = palette.dequantize(np.asarray(tokens)).astype(np.float32)  # (N, T, C) uint8 values
+    return (px.reshape(len(px), -1) / 127.5 - 1.0).astype(np.float32)
+
+
+def concat_layers(feats: dict[int, np.ndarray], centre: int, k: int) -> tuple[list[int], np.ndarray]:
+    """Features of the up to 2k + 1 available layers centre-k .. centre+k, concatenated along the feature axis."""
+    ls = [l for l in range(centre - k, centre + k + 1) if l in feats]  # noqa: E741
+    return ls, np.concatenate([feats[i] for i in ls], axis=1)
+
+
+def draw_per_class(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Sorted indices of exactly ``k`` examples of every class present in ``labels``, drawn without replacement
+    by a generator seeded with (seed, k). ValueError-free: a class with fewer than k examples is an error."""
+    from igpt.errors import IgptError
+
+    rng = np.random.default_rng([seed, k])
+    picks = []
+    for c in np.unique(labels):
+        where = np.flatnonzero(labels == c)
+        if len(where) < k:
+            raise IgptError(f"low-data protocol: class {c} has {len(where)} training examples, fewer than {k}")
+        picks.append(rng.choice(where, size=k, replace=False))
+    return np.sort(np.concatenate(picks))
+
+
+def cache_key(checkpoint: str | Path, shards, split: str) -> dict:
+    """What the cached features of one split depend on: the weights file (path, size, mtime) and the shards."""
+    w = Path(checkpoint) / "model.safetensors"
+    st = w.stat()
+    return {"weights": str(w.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "shards": str(Path(shards.root).resolve()), "palette_sha256": shards.palette.hash,
+            "count": int(shards.meta["counts"][split]), "split": split}
+
+
+def cached_features(model, tokens, layers, batch_size: int, device, cache_dir: Path | None, key: dict):
+    """extract_features, reusing CACHE_DIR/{split}_layer{l}.npy written for the same ``key`` (missing layers
+    are computed in one pass and added). cache_dir None: no cache."""
+    if cache_dir is None:
+        return extract_features(model, tokens, layers, batch_size, device)
+    split = key["split"]
+    key_file = cache_dir / f"{split}_key.json"
+    same = key_file.is_file() and json.loads(key_file.read_text()) == key
+    path = lambda l: cache_dir / f"{split}_layer{l}.npy"  # noqa: E731, E741
+    have = {l: np.load(path(l), allow_pickle=False) for l in layers if same and path(l).is_file()}  # noqa: E741
+    todo = [l for l in layers if l not in have]  # noqa: E741
+    if todo:
+        new = extract_features(model, tokens, todo, batch_size, device)
+        if not same:
+            for old in cache_dir.glob(f"{split}_layer*.npy"):
+                old.unlink()
+        for l, f in new.items():  # noqa: E741
+            buf = io.BytesIO()
+            np.save(buf, f, allow_pickle=False)
+            atomic_write_bytes(path(l), buf.getvalue())
+        atomic_write_bytes(key_file, (json.dumps(key, indent=2) + "\n").encode())
+        have.update(new)
+    return {l: have[l] for l in sorted(layers)}  # noqa: E741

@@ -1,0 +1,235 @@
+"""`igpt probe`: per-layer linear probes, the raw-pixel baseline and the low-data protocol (Chen et al. 2020).
+
+Protocol (the choice never sees test labels):
+1. pooled features of every requested layer for train, val and test (igpt.features, one pass per split);
+2. per layer, standardise with train statistics and fit L2 logistic regression (igpt.logreg) on train for
+   each C of the grid; the layer's val accuracy is its best over C;
+3. the best layer (and its C) is the highest val accuracy (ties: the shallower layer);
+4. every layer is then refitted on train + val (standardised with their statistics) with its own C and scored
+   on test, which gives the accuracy-against-depth curve; the best layer's test accuracy is the headline;
+5. the raw-pixel baseline runs steps 2-4 on the palette colours of the pixels (igpt.features.pixel_features);
+6. low data: for each K and seed, exactly K train images per class (igpt.features.draw_per_class); C is
+   re-swept on the full val split for every draw (the right strength depends strongly on K); standardisation
+   uses the statistics of the whole train split (no labels needed); the layer is the one chosen in 3.
+Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from igpt.errors import IgptError
+from igpt.features import draw_per_class
+from igpt.io import atomic_write_bytes
+from igpt.logreg import Standardizer, fit_logreg, sweep
+
+PROBE_FILE, PLOT_FILE = "probe.json", "probe.png"
+DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # sklearn's C (inverse L2 strength on the summed loss); a log grid
+BASELINE_INPUT = ("palette colours of the shards' tokens, scaled to [-1, 1], at the model's n_px (the shards "
+                  "keep no pixels from before quantization)")
+
+
+@dataclass
+class ProbeConfig:
+    checkpoint: str  # model checkpoint directory
+    data: str  # token shards with labels and train / val / test splits
+    out: str  # directory for probe.json and probe.png
+    layers: str = "all"  # 'all' (0 .. n_layer) or comma-separated layer numbers
+    concat: int = 0  # > 0: also probe the layers best-k .. best+k concatenated (the paper's ImageNet trick)
+    labels_per_class: tuple[int, ...] = ()  # low-data protocol: K labelled train images per class
+    seeds: int = 5  # low-data draws per K
+    Cs: tuple[float, ...] = DEFAULT_CS  # regularisation grid swept on val
+    batch_size: int = 64  # images per forward pass during feature extraction
+    max_iter: int = 1000  # L-BFGS iterations per fit
+    device: str | None = None  # None: CUDA when present, else CPU
+    cache: bool = False  # keep features in OUT/features/*.npy and reuse them (float32 N x d per layer)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_iter", "seeds"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise IgptError(f"probe config: {name} must be a positive integer, got {v!r}")
+        if isinstance(self.concat, bool) or not isinstance(self.concat, int) or self.concat < 0:
+            raise IgptError(f"probe config: concat must be an integer >= 0, got {self.concat!r}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.labels_per_class):
+            raise IgptError(f"probe config: labels_per_class must be positive integers, got {self.labels_per_class}")
+        if not self.Cs or any(not c > 0 for c in self.Cs):
+            raise IgptError(f"probe config: Cs must be positive numbers, got {self.Cs}")
+        if self.layers != "all":
+            try:
+                ls = [int(s) for s in self.layers.split(",")]
+            except ValueError:
+                raise IgptError(f"probe config: layers must be 'all' or comma-separated integers, got "
+                                f"{self.layers!r}") from None
+            if not ls or min(ls) < 0:
+                raise IgptError(f"probe config: layers must be non-negative, got {self.layers!r}")
+
+    def layer_list(self, n_layer: int) -> list[int]:
+        if self.layers == "all":
+            return list(range(n_layer + 1))
+        ls = sorted({int(s) for s in self.layers.split(",")})
+        if ls[-1] > n_layer:
+            raise IgptError(f"--layers {self.layers}: the model has layers 0..{n_layer}")
+        return ls
+
+
+# -- the protocol on arrays (pure: tests call these directly) --------------------------------------------------
+def fit_score(Xfit, yfit, Xeval, yeval, C: float, n_classes: int, std: Standardizer | None = None, **kw) -> float:
+    """Standardise (with ``std``, else Xfit's statistics), fit at C, return accuracy on (Xeval, yeval)."""
+    s = std or Standardizer.fit(Xfit)
+    return fit_logreg(s(Xfit), yfit, C, n_classes, **kw).accuracy(s(Xeval), yeval)
+
+
+def select(train: dict, ytr, val: dict, yva, Cs, n_classes: int, **kw) -> dict:
+    """Per key (layer) of ``train``/``val`` feature dicts: {key: (val accuracy, best C)}, fit on train."""
+    res = {}
+    for key in train:
+        s = Standardizer.fit(train[key])
+        accs, C = sweep(s(train[key]), ytr, s(val[key]), yva, Cs, n_classes, **kw)
+        res[key] = (max(accs), C)
+    return res
+
+
+def best_key(choice: dict):
+    """The key with the highest val accuracy; ties go to the smallest key (the shallower layer)."""
+    return min(choice, key=lambda k: (-choice[k][0], k))
+
+
+def probe_protocol(train: dict, ytr, val: dict, yva, test: dict, yte, Cs, n_classes: int, **kw) -> dict:
+    """Steps 2-4 of the module docstring on feature dicts {layer: (N, d)}. Test labels are used only after the
+    choice. -> {'per_layer': [{layer, val_accuracy, test_accuracy, C}], 'best_layer', 'C', 'val_accuracy',
+    'test_accuracy'}."""
+    choice = select(train, ytr, val, yva, Cs, n_classes, **kw)
+    best = best_key(choice)
+    ytv = np.concatenate([ytr, yva])
+    rows = []
+    for key, (vacc, C) in choice.items():
+        tacc = fit_score(np.concatenate([train[key], val[key]]), ytv, test[key], yte, C, n_classes, **kw)
+        rows.append({"layer": key, "val_accuracy": vacc, "test_accuracy": tacc, "C": C})
+    top = next(r for r in rows if r["layer"] == best)
+    return {"per_layer": rows, "best_layer": best, "C": top["C"], "val_accuracy": top["val_accuracy"],
+            "test_accuracy": top["test_accuracy"]}
+
+
+def low_data(Xtr, ytr, Xva, yva, Xte, yte, ks, seeds: int, Cs, n_classes: int, **kw) -> list[dict]:
+    """Step 6 for one feature set: [{labels_per_class, accuracies (per seed), mean, std, Cs (chosen per seed)}]."""
+    s = Standardizer.fit(Xtr)
+    Ztr, Zva, Zte = s(Xtr), s(Xva), s(Xte)
+    out = []
+    for k in ks:
+        accs, chosen = [], []
+        for seed in range(seeds):
+            idx = draw_per_class(ytr, k, seed)
+            _, C = sweep(Ztr[idx], ytr[idx], Zva, yva, Cs, n_classes, **kw)
+            accs.append(fit_logreg(Ztr[idx], ytr[idx], C, n_classes, **kw).accuracy(Zte, yte))
+            chosen.append(C)
+        out.append({"labels_per_class": k, "accuracies": accs, "mean": float(np.mean(accs)),
+                    "std": float(np.std(accs)), "Cs": chosen})
+    return out
+
+
+# -- the command ----------------------------------------------------------------------------------------------
+def run_probe(cfg: ProbeConfig) -> dict:
+    """Run the whole protocol for a checkpoint and shards; write OUT/probe.json and OUT/probe.png."""
+    from igpt.checkpoint import load_model
+    from igpt.distributed import get_dist_info, pick_device
+    from igpt.evaluate import check_compatible
+    from igpt.features import cache_key, cached_features, concat_layers, pixel_features
+    from igpt.prepare import load_shards
+
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise IgptError(f"--out {cfg.out} exists and is not a directory")
+    shards = load_shards(cfg.data)
+    missing = [s for s in ("train", "val", "test") if s not in shards.splits or shards.labels(s) is None]
+    if missing:
+        raise IgptError(f"{cfg.data}: the probe needs labelled train, val and test splits; missing or "
+                        f"unlabelled: {', '.join(missing)}")
+    device = pick_device(cfg.device, get_dist_info())
+    model, palette = load_model(cfg.checkpoint, device)
+    check_compatible(model.config, shards, palette)
+    layers = cfg.layer_list(model.config.n_layer)
+    splits = ("train", "val", "test")
+    y = {s: shards.labels(s).astype(np.int64) for s in splits}
+    n_classes = int(max(int(v.max()) for v in y.values())) + 1
+    fewest = int(np.unique(y["train"], return_counts=True)[1].min()) if len(y["train"]) else 0
+    if cfg.labels_per_class and max(cfg.labels_per_class) > fewest:  # fail before any feature is computed
+        raise IgptError(f"--labels-per-class {max(cfg.labels_per_class)}: a class has {fewest} training "
+                        f"examples, fewer than {max(cfg.labels_per_class)}")
+    cache = Path(cfg.out) / "features" if cfg.cache else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    feats = {s: cached_features(model, shards.tokens(s), layers, cfg.batch_size, device, cache,
+                                cache_key(cfg.checkpoint, shards, s)) for s in splits}
+    kw = {"max_iter": cfg.max_iter, "device": device}
+    res = probe_protocol(feats["train"], y["train"], feats["val"], y["val"], feats["test"], y["test"], cfg.Cs,
+                         n_classes, **kw)
+    pix = {s: {"pixels": pixel_features(shards.tokens(s), shards.palette)} for s in splits}
+    base = probe_protocol(pix["train"], y["train"], pix["val"], y["val"], pix["test"], y["test"], cfg.Cs,
+                          n_classes, **kw)
+    res.update({"baseline_val_accuracy": base["val_accuracy"], "baseline_test_accuracy": base["test_accuracy"],
+                "baseline_C": base["C"], "baseline_input": BASELINE_INPUT})
+    best = res["best_layer"]
+    if cfg.concat:
+        ls = concat_layers(feats["train"], best, cfg.concat)[0]
+        cat = {s: {best: concat_layers(feats[s], best, cfg.concat)[1]} for s in splits}
+        c = probe_protocol(cat["train"], y["train"], cat["val"], y["val"], cat["test"], y["test"], cfg.Cs,
+                           n_classes, **kw)
+        res["concat"] = {"layers": ls, "val_accuracy": c["val_accuracy"],
+                         "test_accuracy": c["test_accuracy"], "C": c["C"]}
+    if cfg.labels_per_class:
+        args = (cfg.labels_per_class, cfg.seeds, cfg.Cs, n_classes)
+        ours = low_data(feats["train"][best], y["train"], feats["val"][best], y["val"], feats["test"][best],
+                        y["test"], *args, **kw)
+        theirs = low_data(pix["train"]["pixels"], y["train"], pix["val"]["pixels"], y["val"],
+                          pix["test"]["pixels"], y["test"], *args, **kw)
+        res["low_data"] = [{**o, "baseline_mean": b["mean"], "baseline_std": b["std"],
+                            "baseline_accuracies": b["accuracies"], "baseline_Cs": b["Cs"]}
+                           for o, b in zip(ours, theirs)]
+        res["low_data_protocol"] = ("exactly K train images per class drawn per seed (the same draws for the baseline); C re-swept on the full val "
+                                    "split for every draw; standardised with whole-train statistics; layer "
+                                    f"{best} (chosen on val with all labels); mean and std over seeds")
+    edge = [f"{what} chose C = {c:g}, the edge of the grid: widen --cs" for what, c in
+            (("the probe", res["C"]), ("the baseline", res["baseline_C"])) if c in (min(cfg.Cs), max(cfg.Cs))]
+    res.update({
+        "warnings": edge if len(cfg.Cs) > 1 else [],
+        "accuracy_unit": "fraction in [0, 1]", "mode": model.config.mode, "n_classes": n_classes,
+        "counts": {s: len(y[s]) for s in splits}, "C_grid": list(cfg.Cs),
+        "objective": "sklearn LogisticRegression(C, lbfgs): C * sum CE + ||W||^2 / 2, multinomial, bias unpenalised",
+        "checkpoint": str(cfg.checkpoint), "data": str(cfg.data), "config": asdict(cfg),
+    })
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / PROBE_FILE, (json.dumps(res, indent=2) + "\n").encode())
+    atomic_write_bytes(out / PLOT_FILE, plot_png(res))
+    return res
+
+
+def plot_png(res: dict) -> bytes:
+    """Accuracy (%) against layer, val and test, with the raw-pixel baseline's test accuracy as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - for matplotlib.ticker below
+
+    rows = res["per_layer"]
+    ls = [r["layer"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ls, [100 * r["val_accuracy"] for r in rows], "o-", label="val (chooses the layer)")
+    ax.plot(ls, [100 * r["test_accuracy"] for r in rows], "s-", label="test")
+    ax.axhline(100 * res["baseline_test_accuracy"], color="grey", ls="--", label="raw pixels (test)")
+    ax.axvline(res["best_layer"], color="k", alpha=0.2)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("linear probe accuracy (%)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

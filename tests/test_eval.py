@@ -1,0 +1,88 @@
+"""`igpt eval`: nats and bits per token; a model that predicts the marginal scores the marginal's entropy."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from igpt_testutil import tiny_model
+from test_probe import write_shards
+
+from igpt.checkpoint import save_model
+from igpt.errors import IgptError
+from igpt.evaluate import EvalConfig, evaluate, nats_to_bits, nll
+from igpt.palette import Palette
+from igpt.prepare import load_shards
+
+
+def marginal_model(p: np.ndarray, **kw):
+    """A tiny model whose logits are log p at every position, whatever the input: the blocks add nothing
+    (zero output projections), the token embedding is zero and every position embedding is the same vector, so
+    ln_f sees a constant u; lm_head = log p u^T / |u|^2 maps it to log p."""
+    model = tiny_model(palette_size=len(p), **kw)
+    with torch.no_grad():
+        for blk in model.h:
+            for lin in (blk.attn.c_proj, blk.mlp.c_proj):
+                lin.weight.zero_()
+                lin.bias.zero_()
+        model.wte.weight.zero_()
+        model.wpe.weight.copy_(torch.linspace(-1, 1, model.config.n_embd).expand_as(model.wpe.weight))
+        u = model.ln_f(model.wpe.weight[:1])[0]  # (d,)
+        model.lm_head.weight.copy_(torch.outer(torch.log(torch.tensor(p, dtype=torch.float32)), u) / u.dot(u))
+    return model
+
+
+def test_marginal_model_scores_the_entropy(tmp_path):
+    sh = load_shards(write_shards(tmp_path / "sh", n_px=4, k=6))
+    tokens = np.asarray(sh.tokens("test"))
+    p = np.bincount(tokens.ravel(), minlength=6) / tokens.size
+    assert (p > 0).all()
+    entropy = -(p * np.log(p)).sum()  # nats
+    ck = save_model(tmp_path / "ck", marginal_model(p, n_px=4), sh.palette)
+    res = evaluate(EvalConfig(str(ck), str(sh.root), out=str(tmp_path / "e.json"), batch_size=7))
+    assert res["nats_per_token"] == pytest.approx(entropy, abs=1e-5)
+    assert res["bits_per_token"] == pytest.approx(entropy / math.log(2), abs=1e-5)
+    saved = json.loads((tmp_path / "e.json").read_text())
+    assert saved["nats_per_token"] == res["nats_per_token"] and saved["images"] == 60 and saved["mode"] == "ar"
+
+
+def test_ar_nll_scores_the_first_pixel_from_sos():
+    model = tiny_model(n_px=4, palette_size=6)
+    tokens = np.random.default_rng(0).integers(0, 6, size=(5, 16)).astype(np.uint16)
+    x = torch.from_numpy(tokens.astype(np.int64))
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.cat([torch.full((5, 1), 6), x[:, :-1]], 1)), -1)
+    ref = -logp.gather(-1, x[..., None]).mean().item()
+    assert nll(model, tokens, batch_size=2) == pytest.approx(ref, rel=1e-5)
+
+
+def test_bert_nll_uses_a_fixed_seeded_mask():
+    model = tiny_model(n_px=4, palette_size=6, mode="bert")
+    tokens = np.random.default_rng(1).integers(0, 6, size=(6, 16)).astype(np.uint16)
+    x = torch.from_numpy(tokens.astype(np.int64))
+    mask = torch.rand(6, 16, generator=torch.Generator().manual_seed(3)) < 0.5
+    with torch.no_grad():
+        ce = -torch.log_softmax(model(x, mask), -1).gather(-1, x[..., None])[..., 0]
+    ref = ((ce * mask).sum(1) / mask.sum(1).clamp_min(1)).mean().item()
+    assert nll(model, tokens, batch_size=4, mask_prob=0.5, seed=3) == pytest.approx(ref, rel=1e-5)
+    assert nll(model, tokens, mask_prob=0.5, seed=3) == nll(model, tokens, mask_prob=0.5, seed=3)
+    assert nll(model, tokens, mask_prob=0.5, seed=4) != nll(model, tokens, mask_prob=0.5, seed=3)
+
+
+def test_mismatched_model_and_shards_are_user_errors(tmp_path):
+    sh = write_shards(tmp_path / "sh", n_px=4, k=6)
+    ck = save_model(tmp_path / "ck", tiny_model(n_px=8, palette_size=6))
+    with pytest.raises(IgptError, match="model sees 8x8"):
+        evaluate(EvalConfig(str(ck), str(sh)))
+    ck2 = save_model(tmp_path / "ck2", tiny_model(n_px=4, palette_size=6), Palette(np.linspace(-1, 0.5, 6)[:, None]))
+    with pytest.raises(IgptError, match="another palette"):
+        evaluate(EvalConfig(str(ck2), str(sh)))
+    with pytest.raises(IgptError, match="batch_size"):
+        EvalConfig("c", "d", batch_size=0)
+
+
+def test_nats_to_bits():
+    assert nats_to_bits(math.log(2)) == pytest.approx(1.0)

@@ -1,0 +1,180 @@
+"""Linear probes: the protocol on constructed features, the choice blind to test labels, low-data draws,
+feature extraction in one pass, and `run_probe` end to end on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from igpt.errors import IgptError
+from igpt.features import concat_layers, draw_per_class, extract_features, pixel_features
+from igpt.model import ar_inputs
+from igpt.palette import Palette
+from igpt.probe import ProbeConfig, low_data, probe_protocol, run_probe
+
+
+def write_shards(root: Path, n_px=4, k=6, counts=(120, 40, 60), n_classes=3, seed=0) -> Path:
+    """Small labelled grey shards in the `igpt prepare` layout; images of class c are brighter with c."""
+    from igpt.io import atomic_write_bytes
+    from igpt.prepare import FORMAT, FORMAT_VERSION
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    pal = Palette(np.linspace(-1, 1, k, dtype=np.float32)[:, None])
+    pal.save(root / "palette.npy")
+    for split, n in zip(("train", "val", "test"), counts):
+        y = np.arange(n) % n_classes
+        ids = np.clip(rng.integers(0, k - n_classes + 1, size=(n, n_px * n_px)) + y[:, None], 0, k - 1)
+        np.save(root / f"{split}_tokens.npy", ids.astype(np.uint16))
+        np.save(root / f"{split}_labels.npy", y.astype(np.int64))
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "n_px": n_px, "channels": 1, "palette_size": k,
+            "palette_sha256": pal.hash, "source": "test", "labels": True,
+            "counts": dict(zip(("train", "val", "test"), counts))}
+    atomic_write_bytes(root / "meta.json", json.dumps(meta).encode())
+    return root
+
+
+def layered(seed=0, n=(150, 60, 90), informative=2, d=6, classes=3):
+    """Feature dicts {layer: (N, d)} for train/val/test where only ``informative`` separates the classes."""
+    rng = np.random.default_rng(seed)
+    out, ys = [], []
+    for m in n:
+        y = np.arange(m) % classes
+        f = {l: rng.normal(size=(m, d)).astype(np.float32) for l in range(4)}  # noqa: E741
+        f[informative][np.arange(m), y] += 4.0
+        out.append(f)
+        ys.append(y)
+    return out, ys
+
+
+CS = (0.01, 1.0)
+
+
+def test_linearly_separable_layer_is_found_and_scores_100():
+    (tr, va, te), (ytr, yva, yte) = layered()
+    res = probe_protocol(tr, ytr, va, yva, te, yte, CS, 3)
+    assert res["best_layer"] == 2
+    assert res["val_accuracy"] == 1.0 and res["test_accuracy"] >= 0.99
+    assert [r["layer"] for r in res["per_layer"]] == [0, 1, 2, 3]
+    assert all(r["test_accuracy"] < 0.7 for r in res["per_layer"] if r["layer"] != 2)  # noise layers near chance
+
+
+def test_poisoned_test_labels_do_not_change_the_choice():
+    (tr, va, te), (ytr, yva, yte) = layered(seed=1)
+    for l in tr:  # noqa: E741 - make the choice of C matter: every layer weakly informative
+        for f, y in ((tr[l], ytr), (va[l], yva), (te[l], yte)):
+            f[np.arange(len(y)), y] += 0.5 * l
+    clean = probe_protocol(tr, ytr, va, yva, te, yte, (1e-3, 0.1, 10.0), 3)
+    poisoned = probe_protocol(tr, ytr, va, yva, te, (yte + 1) % 3, (1e-3, 0.1, 10.0), 3)
+    assert poisoned["best_layer"] == clean["best_layer"] and poisoned["C"] == clean["C"]
+    assert [(r["val_accuracy"], r["C"]) for r in poisoned["per_layer"]] == \
+        [(r["val_accuracy"], r["C"]) for r in clean["per_layer"]]
+    assert poisoned["test_accuracy"] < clean["test_accuracy"]  # the test labels were really used, after
+
+
+def test_low_data_draws_exactly_k_per_class_and_differ_across_seeds():
+    y = np.repeat(np.arange(4), 30)
+    np.random.default_rng(0).shuffle(y)
+    draws = [draw_per_class(y, 5, s) for s in range(3)]
+    for d in draws:
+        assert len(d) == 20 and len(set(d)) == 20
+        assert np.bincount(y[d], minlength=4).tolist() == [5, 5, 5, 5]
+    assert len({tuple(d) for d in draws}) == 3
+    assert np.array_equal(draw_per_class(y, 5, 1), draws[1])  # seeded: reproducible
+    with pytest.raises(IgptError, match="fewer than 31"):
+        draw_per_class(y, 31, 0)
+
+
+def test_low_data_protocol_reports_mean_and_std_per_k():
+    (tr, va, te), (ytr, yva, yte) = layered()
+    rows = low_data(tr[2], ytr, va[2], yva, te[2], yte, (2, 10), 3, CS, 3)
+    assert [r["labels_per_class"] for r in rows] == [2, 10]
+    for r in rows:
+        assert len(r["accuracies"]) == 3 and len(r["Cs"]) == 3
+        assert r["mean"] == pytest.approx(np.mean(r["accuracies"])) and r["std"] == pytest.approx(np.std(r["accuracies"]))
+    assert rows[1]["mean"] > 0.95
+
+
+def test_features_one_forward_per_batch_match_the_model():
+    from igpt_testutil import tiny_model
+
+    model = tiny_model(n_px=4, palette_size=6, n_layer=3)
+    tokens = np.random.default_rng(0).integers(0, 6, size=(10, 16)).astype(np.uint16)
+    calls = []
+    orig = model.features
+    model.features = lambda idx, layers, mask=None: calls.append(list(layers)) or orig(idx, layers, mask)
+    f = extract_features(model, tokens, [3, 1], batch_size=4)
+    assert calls == [[1, 3]] * 3  # 3 batches, one call each for both layers
+    with torch.no_grad():
+        ref = orig(ar_inputs(torch.from_numpy(tokens.astype(np.int64)), 6), [1, 3])
+    for l in (1, 3):  # noqa: E741
+        assert f[l].shape == (10, 24) and np.allclose(f[l], ref[l].numpy(), atol=1e-6)
+
+
+def test_pixel_features_and_concat():
+    pal = Palette(np.array([[-1.0], [0.0], [1.0]], dtype=np.float32))
+    x = pixel_features(np.array([[0, 1, 2, 2]], dtype=np.uint16), pal)
+    assert x.shape == (1, 4) and np.allclose(x, [[-1, 0.0039216, 1, 1]], atol=1e-4)  # rint(127.5) = 128
+    feats = {l: np.full((2, 3), l, dtype=np.float32) for l in range(5)}  # noqa: E741
+    ls, cat = concat_layers(feats, 4, 1)
+    assert ls == [3, 4] and cat.shape == (2, 6)
+
+
+def test_probe_config_is_validated():
+    with pytest.raises(IgptError, match="layers must be"):
+        ProbeConfig("c", "d", "o", layers="1,x")
+    with pytest.raises(IgptError, match="labels_per_class"):
+        ProbeConfig("c", "d", "o", labels_per_class=(0,))
+    with pytest.raises(IgptError, match="Cs must be"):
+        ProbeConfig("c", "d", "o", Cs=(0.0,))
+    with pytest.raises(IgptError, match="layers 0..2"):
+        ProbeConfig("c", "d", "o", layers="0,3").layer_list(2)
+
+
+def test_run_probe_end_to_end(tmp_path):
+    from igpt_testutil import tiny_model
+
+    from igpt.checkpoint import save_model
+
+    sh = write_shards(tmp_path / "sh")
+    ck = save_model(tmp_path / "ck", tiny_model(n_px=4, palette_size=6), Palette.load(sh / "palette.npy"))
+    res = run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out"), concat=1, labels_per_class=(3,),
+                                seeds=2, Cs=(0.1, 1.0)))
+    saved = json.loads((tmp_path / "out" / "probe.json").read_text())
+    assert saved["best_layer"] == res["best_layer"] in (0, 1, 2)
+    for key in ("per_layer", "best_layer", "test_accuracy", "baseline_test_accuracy", "baseline_input", "low_data"):
+        assert key in saved
+    assert {"labels_per_class", "mean", "std", "baseline_mean", "baseline_std"} <= set(saved["low_data"][0])
+    assert saved["baseline_test_accuracy"] > 0.8  # brightness separates the classes in pixel space
+    assert (tmp_path / "out" / "probe.png").read_bytes()[:4] == b"\x89PNG"
+    b = res["best_layer"]
+    assert saved["concat"]["layers"] == [i for i in (b - 1, b, b + 1) if 0 <= i <= 2]
+
+
+def test_feature_cache_is_reused_extended_and_invalidated(tmp_path, monkeypatch):
+    from igpt_testutil import tiny_model
+
+    import igpt.features as F
+    from igpt.checkpoint import save_model
+    from igpt.prepare import load_shards
+
+    sh = load_shards(write_shards(tmp_path / "sh"))
+    model = tiny_model(n_px=4, palette_size=6)
+    ck = save_model(tmp_path / "ck", model, sh.palette)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tokens = sh.tokens("val")
+    calls = []
+    real = F.extract_features
+    monkeypatch.setattr(F, "extract_features", lambda m, t, ls, *a: calls.append(list(ls)) or real(m, t, ls, *a))
+    first = F.cached_features(model, tokens, [0, 2], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
+    again = F.cached_features(model, tokens, [0, 1, 2], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
+    assert calls == [[0, 2], [1]]  # the second call computes only the missing layer
+    assert all(np.array_equal(first[i], again[i]) for i in (0, 2)) and set(again) == {0, 1, 2}
+    save_model(ck, model, sh.palette)  # new weights file: the cache no longer applies
+    F.cached_features(model, tokens, [0], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
+    assert calls[-1] == [0] and not (cache / "val_layer2.npy").exists()
