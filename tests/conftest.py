@@ -39,6 +39,16 @@ def write_cifar_batch(path: Path, images: np.ndarray, labels, key: str = "labels
     return path
 
 
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Token shards of the bundled data at 8x8 with 8 grey levels, shared by the training tests."""
+    from igpt.prepare import PrepareConfig, prepare
+
+    out = tmp_path_factory.mktemp("sh") / "sh8"
+    prepare(PrepareConfig(out=str(out), data="fashion-mnist-mini", n_px=8, palette_size=8))
+    return out
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

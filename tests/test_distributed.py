@@ -21,15 +21,6 @@ pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).with_name("dist_worker.py")
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from igpt.prepare import PrepareConfig, prepare
-
-    out = tmp_path_factory.mktemp("sh") / "sh8"
-    prepare(PrepareConfig(out=str(out), data="fashion-mnist-mini", n_px=8, palette_size=8))
-    return out
-
-
 def config(shards, out, **kw) -> TrainConfig:
     base = dict(data=str(shards), preset="tiny", out=str(out), steps=20, batch_size=8, micro_batch_size=2,
                 warmup=3, lr=3e-3, dtype="fp32", log_every=5, eval_every=0, eval_images=32, save_every=10, keep=5,

@@ -16,15 +16,6 @@ from igpt.train_config import TrainConfig
 from igpt.train_state import latest_checkpoint
 
 
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory):
-    from igpt.prepare import PrepareConfig, prepare
-
-    out = tmp_path_factory.mktemp("sh") / "sh8"
-    prepare(PrepareConfig(out=str(out), data="fashion-mnist-mini", n_px=8, palette_size=8))
-    return out
-
-
 def tiny(shards, out, **kw) -> TrainConfig:
     base = dict(data=str(shards), preset="tiny", out=str(out), steps=6, batch_size=8, warmup=2, lr=3e-3,
                 dtype="fp32", log_every=1, eval_every=0, eval_images=32, save_every=3, progress=False)

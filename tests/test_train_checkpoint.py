@@ -17,16 +17,6 @@ from igpt.train import train
 from igpt.train_config import TrainConfig
 from igpt.train_state import latest_checkpoint, list_checkpoints
 
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from igpt.prepare import PrepareConfig, prepare
-
-    out = tmp_path_factory.mktemp("sh") / "sh8"
-    prepare(PrepareConfig(out=str(out), data="fashion-mnist-mini", n_px=8, palette_size=8))
-    return out
-
-
 FLAGS = ["--preset", "tiny", "--steps", "8", "--batch-size", "8", "--micro-batch-size", "4", "--warmup", "2",
          "--lr", "3e-3", "--dtype", "fp32", "--log-every", "1", "--eval-every", "3", "--eval-images", "32",
          "--dropout", "0.1", "--augment", "--objective", "bert", "--no-progress"]

@@ -96,3 +96,15 @@ def read_json(path: str | Path):
         raise IgptError(f"{path}: missing") from None
     except (OSError, ValueError, UnicodeDecodeError) as e:
         raise IgptError(f"{path}: not readable JSON ({e})") from None
+
+
+def figure_png(fig) -> bytes:
+    """A matplotlib figure as PNG bytes (100 dpi, tight), closing the figure; write them with atomic_write_bytes."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

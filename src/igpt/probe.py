@@ -16,7 +16,6 @@ Accuracies are fractions in [0, 1].
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 
 from igpt.errors import IgptError
 from igpt.features import draw_per_class
-from igpt.io import atomic_write_bytes
+from igpt.io import atomic_write_bytes, figure_png
 from igpt.logreg import Standardizer, fit_logreg, sweep
 
 PROBE_FILE, PLOT_FILE = "probe.json", "probe.png"
@@ -229,7 +228,4 @@ def plot_png(res: dict) -> bytes:
     ax.set_ylabel("linear probe accuracy (%)")
     ax.legend()
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return figure_png(fig)

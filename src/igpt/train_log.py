@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import sys
 from pathlib import Path
 
-from igpt.io import atomic_write_bytes
+from igpt.io import atomic_write_bytes, figure_png
 
 METRICS = "metrics.jsonl"
 PLOT = "loss.png"
@@ -80,10 +79,7 @@ class RunLog:
         ax.set_ylabel("loss (nats / token)")
         ax.legend()
         ax.grid(alpha=0.3)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        plt.close(fig)
-        atomic_write_bytes(self.out / PLOT, buf.getvalue())
+        atomic_write_bytes(self.out / PLOT, figure_png(fig))
 
     def close(self) -> None:
         self.file.close()
