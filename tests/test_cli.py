@@ -146,3 +146,27 @@ def test_eval_and_probe_commands(tmp_path, capsys, monkeypatch):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("igpt: error: ") and message in lines[0], lines
     assert not (tmp_path / "o").exists()
+
+
+def test_finetune_command(tmp_path, shards, capsys):
+    import json
+
+    from igpt_testutil import tiny_model
+
+    from igpt.checkpoint import load_heads, save_model
+    from igpt.prepare import load_shards
+
+    ck = save_model(tmp_path / "ck", tiny_model(n_px=8, palette_size=8), load_shards(shards).palette)
+    args = ["finetune", "--checkpoint", str(ck), "--data", str(shards), "--out", str(tmp_path / "ft"), "--steps",
+            "4", "--batch-size", "8", "--eval-every", "2", "--lambda-gen", "0.5", "--lr", "1e-3"]
+    assert main(args) == 0  # in-process, as the eval/probe error checks above
+    out = capsys.readouterr().out
+    assert "best val step" in out and "test" in out
+    res = json.loads((tmp_path / "ft" / "finetune.json").read_text())
+    assert [h["step"] for h in res["history"]] == [2, 4] and res["config"]["lambda_gen"] == 0.5
+    assert load_heads(tmp_path / "ft" / "checkpoint")["score"].shape == (10, 24)
+    for extra, message in [(["--steps", "0"], "steps must be"), (["--mask-ensemble", "5"], "BERT models only")]:
+        assert main([*args, "--out", str(tmp_path / "o"), *extra]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("igpt: error: ") and message in lines[0], lines
+    assert not (tmp_path / "o").exists()

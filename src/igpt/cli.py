@@ -155,6 +155,21 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from igpt.finetune import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(checkpoint=args.checkpoint, data=args.data, out=args.out, lambda_gen=args.lambda_gen,
+                         lr=args.lr, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
+                         patience=args.patience, mask_ensemble=args.mask_ensemble, seed=args.seed,
+                         device=args.device)
+    res = finetune(cfg)
+    stop = f", stopped early after step {res['steps_run']}" if res["stopped_early"] else ""
+    print(f"best val step {res['best_step']}{stop}: val {100 * res['val_accuracy']:.2f}%, "
+          f"test {100 * res['test_accuracy']:.2f}%")
+    print(f"wrote {args.out}/finetune.json and {res['out_checkpoint']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from igpt.datasets import names
 
@@ -286,6 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache", action="store_true", help="keep features in OUT/features/*.npy and reuse them")
     r.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     r.set_defaults(func=cmd_probe)
+
+    f = sub.add_parser("finetune", help="fine-tune with a linear classification head (L_clf + lambda * L_gen)",
+                       description="Joint fine-tuning: a bias-free linear head on the mean-pooled final normalised "
+                                   "features, loss L_clf + lambda * L_gen, AdamW (0.9, 0.95) at a constant lr, "
+                                   "early stopping on val accuracy, test accuracy at the best val step. Writes "
+                                   "OUT/finetune.json and OUT/checkpoint (the head in heads.safetensors as 'score').")
+    f.add_argument("--checkpoint", required=True, help="pretrained igpt checkpoint directory")
+    f.add_argument("--data", required=True, help="labelled token shards with train, val and test splits")
+    f.add_argument("--out", required=True, help="output directory")
+    f.add_argument("--lambda-gen", type=float, default=1.0, help="weight of the generative loss (default 1; 0 = "
+                   "classification only)")
+    f.add_argument("--lr", type=float, default=3e-4, help="constant learning rate (default 3e-4)")
+    f.add_argument("--steps", type=int, default=1000, help="optimizer steps at most (default 1000)")
+    f.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
+    f.add_argument("--eval-every", type=int, default=100, help="steps between validations (default 100)")
+    f.add_argument("--patience", type=int, default=0, help="validations without a new best before stopping "
+                   "(default 0: never stop early)")
+    f.add_argument("--mask-ensemble", type=int, default=1, help="BERT: average predictions over K random masks "
+                   "(default 1; the paper uses 5)")
+    f.add_argument("--seed", type=int, default=0, help="batch order and masks (default 0)")
+    f.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    f.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("datasets", help="list the named data sets and where they come from")
     d.set_defaults(func=cmd_datasets)
