@@ -142,6 +142,25 @@ def test_base_model_and_classifier(tmp_path):
     assert torch.equal(load_heads(tmp_path / "ck2")["score"], heads["score"])
 
 
+def test_classifier_head_exports(tmp_path):
+    from transformers import ImageGPTForCausalImageModeling, ImageGPTForImageClassification
+
+    require_correct_hf_scale(8)
+    model = tiny_model(seed=3)
+    score = torch.randn(4, model.config.n_embd)
+    save_model(tmp_path / "ck", model, heads={"score": score})
+    info = export_hf(tmp_path / "ck", tmp_path / "hf")
+    assert info["classifier"] and info["dropped_heads"] == []
+    clf = ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
+    lm = ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "hf").eval()
+    pixels = torch.randint(0, 16, (3, 64))
+    with torch.no_grad():
+        assert (clf(pixels).logits - model.features(pixels, [2])[2] @ score.T).abs().max() <= 1e-5
+        assert (lm(pixels).logits - model(pixels)).abs().max() <= 1e-5
+    import_hf(tmp_path / "hf", tmp_path / "back")  # the head comes back, next to the lm_head
+    assert torch.equal(load_heads(tmp_path / "back")["score"], score)
+
+
 def test_unknown_and_missing_keys_are_listed(tmp_path):
     ref = hf_model(8, 24, 2, 3, 16)
     _save_hf(ref, tmp_path / "hf", extra_state={"transformer.h.0.attn.rotary.inv_freq": torch.ones(3)})

@@ -67,7 +67,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     info = export_hf(args.checkpoint, args.out)
     if info["dropped_heads"]:
         print(f"note: heads not exported (ImageGPTForCausalImageModeling has none): {', '.join(info['dropped_heads'])}")
-    print(f"wrote {args.out} (transformers.ImageGPTForCausalImageModeling.from_pretrained loads it)")
+    also = " and ImageGPTForImageClassification" if info["classifier"] else ""
+    print(f"wrote {args.out} (transformers.ImageGPTForCausalImageModeling{also}.from_pretrained loads it)")
     return 0
 
 

@@ -178,7 +178,9 @@ def ours_to_hf_state(model: ImageGPT) -> dict[str, torch.Tensor]:
 def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
     """`igpt export-hf CKPT --out HF_DIR`: write a directory that
     ``transformers.ImageGPTForCausalImageModeling.from_pretrained`` loads (config.json, model.safetensors,
-    and preprocessor_config.json with the palette as ``clusters`` when the checkpoint has one)."""
+    and preprocessor_config.json with the palette as ``clusters`` when the checkpoint has one). A checkpoint
+    with a ``score`` head (from ``igpt finetune`` or an imported classifier) also loads as
+    ``ImageGPTForImageClassification``: its logits are the head on the mean of ln_f over all positions."""
     model, palette = load_model(ckpt)
     cfg = model.config
     if not cfg.causal:
@@ -186,9 +188,16 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
     out_dir = Path(out_dir)
     check_replaceable(out_dir, markers=("config.json",))
     heads = load_heads(ckpt)
+    state, hc = ours_to_hf_state(model), our_config_to_hf(cfg)
+    score = heads.pop("score", None)
+    if score is not None:  # a fine-tuned head: the same files also load as ImageGPTForImageClassification
+        state["score.weight"] = score.detach().to("cpu", torch.float32).contiguous()
+        hc["architectures"].append("ImageGPTForImageClassification")
+        hc["id2label"] = {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
+        hc["label2id"] = {f"LABEL_{i}": i for i in range(score.shape[0])}
     with atomic_dir(out_dir) as tmp:
-        save_file(ours_to_hf_state(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(our_config_to_hf(cfg), indent=2) + "\n")
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hc, indent=2) + "\n")
         if palette is not None:
             centers = np.asarray(palette.centers, dtype=np.float64)
             pc = {"image_processor_type": "ImageGPTImageProcessor", "do_resize": True, "resample": 2,
@@ -199,4 +208,4 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
             pc["clusters"] = centers.tolist()
             (tmp / "preprocessor_config.json").write_text(json.dumps(pc, indent=2) + "\n")
     return {"hf_dir": str(out_dir), "palette": None if palette is None else palette.k,
-            "dropped_heads": sorted(heads)}
+            "classifier": score is not None, "dropped_heads": sorted(heads)}
