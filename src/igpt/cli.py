@@ -66,7 +66,7 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     info = export_hf(args.checkpoint, args.out)
     if info["dropped_heads"]:
-        print(f"note: heads not exported (ImageGPTForCausalImageModeling has none): {', '.join(info['dropped_heads'])}")
+        print(f"note: heads with no place in the Hugging Face classes were not exported: {', '.join(info['dropped_heads'])}")
     also = " and ImageGPTForImageClassification" if info["classifier"] else ""
     print(f"wrote {args.out} (transformers.ImageGPTForCausalImageModeling{also}.from_pretrained loads it)")
     return 0
