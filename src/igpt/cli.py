@@ -171,6 +171,16 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+LABELLED = "labelled token shards with train, val and test splits"
+
+
+def _model_and_shards(p: argparse.ArgumentParser, checkpoint_help: str, data_help: str) -> None:
+    """The flags every command that runs a checkpoint on token shards takes."""
+    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
+    p.add_argument("--data", required=True, help=data_help)
+    p.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from igpt.datasets import names
 
@@ -274,23 +284,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a checkpoint on token shards: AR models on every pixel (the first "
                                    "from SOS), BERT models on the pixels of a fixed seeded mask. Prints and "
                                    "writes JSON with nats_per_token and bits_per_token.")
-    v.add_argument("--checkpoint", required=True, help="igpt checkpoint directory")
-    v.add_argument("--data", required=True, help="token shards from `igpt prepare`")
+    _model_and_shards(v, "igpt checkpoint directory", "token shards from `igpt prepare`")
     v.add_argument("--split", default="test", help="split to score (default test)")
     v.add_argument("--out", help="JSON file to write (default CHECKPOINT/eval.json)")
     v.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     v.add_argument("--max-images", type=int, default=0, help="score only the first N images (default 0: all)")
     v.add_argument("--mask-prob", type=float, default=0.15, help="BERT: masking probability (default 0.15)")
     v.add_argument("--seed", type=int, default=0, help="BERT: seed of the fixed mask (default 0)")
-    v.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     v.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("probe", help="per-layer linear probes, raw-pixel baseline, low-data protocol",
                        description="Pooled features of each layer, L2 logistic regression (torch L-BFGS), the "
                                    "layer and strength chosen on val, refit on train+val, test accuracy; the same "
                                    "on raw pixels. Writes OUT/probe.json and OUT/probe.png.")
-    r.add_argument("--checkpoint", required=True, help="igpt checkpoint directory")
-    r.add_argument("--data", required=True, help="labelled token shards with train, val and test splits")
+    _model_and_shards(r, "igpt checkpoint directory", LABELLED)
     r.add_argument("--out", required=True, help="output directory")
     r.add_argument("--layers", default="all", help="'all' (default) or comma-separated layers, e.g. 2,4,6")
     r.add_argument("--concat", type=int, default=0, help="also probe layers best-K..best+K concatenated")
@@ -300,7 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     r.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default 1000)")
     r.add_argument("--cache", action="store_true", help="keep features in OUT/features/*.npy and reuse them")
-    r.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     r.set_defaults(func=cmd_probe)
 
     f = sub.add_parser("finetune", help="fine-tune with a linear classification head (L_clf + lambda * L_gen)",
@@ -308,8 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "features, loss L_clf + lambda * L_gen, AdamW (0.9, 0.95) at a constant lr, "
                                    "early stopping on val accuracy, test accuracy at the best val step. Writes "
                                    "OUT/finetune.json and OUT/checkpoint (the head in heads.safetensors as 'score').")
-    f.add_argument("--checkpoint", required=True, help="pretrained igpt checkpoint directory")
-    f.add_argument("--data", required=True, help="labelled token shards with train, val and test splits")
+    _model_and_shards(f, "pretrained igpt checkpoint directory", LABELLED)
     f.add_argument("--out", required=True, help="output directory")
     f.add_argument("--lambda-gen", type=float, default=1.0, help="weight of the generative loss (default 1; 0 = "
                    "classification only)")
@@ -322,7 +327,6 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--mask-ensemble", type=int, default=1, help="BERT: average predictions over K random masks "
                    "(default 1; the paper uses 5)")
     f.add_argument("--seed", type=int, default=0, help="batch order and masks (default 0)")
-    f.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     f.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("datasets", help="list the named data sets and where they come from")
