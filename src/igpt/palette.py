@@ -262,8 +262,9 @@ def fit_palette(
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.from_numpy(to_unit(colours)).float().to(dev)  # (U, C)
     w = torch.from_numpy(counts).double().to(dev)  # (U,)
+    w_draw = torch.from_numpy(counts).float()  # (U,) on the CPU, for the seeded draws
     if len(x) > _PP_SAMPLE:  # seed on a weighted sample of colours: k-means++ is k sequential passes
-        pick = torch.multinomial(w.cpu().float(), _PP_SAMPLE, replacement=False, generator=g).to(dev)
+        pick = torch.multinomial(w_draw, _PP_SAMPLE, replacement=False, generator=g).to(dev)
         c = _kmeans_pp(x[pick], w[pick], k, g)
     else:
         c = _kmeans_pp(x, w, k, g)
@@ -273,7 +274,7 @@ def fit_palette(
     seen = torch.zeros(k, dtype=torch.float64, device=dev)
     for it in range(1, max_iter + 1):  # noqa: B007 - `it` is reported
         if mini:
-            idx = torch.multinomial(w.cpu().float(), batch_size, replacement=True, generator=g).to(dev)
+            idx = torch.multinomial(w_draw, batch_size, replacement=True, generator=g).to(dev)
             assign, d2 = _assign(x[idx], c)
             ones = torch.ones(batch_size, dtype=torch.float64, device=dev)
             n = torch.zeros(k, dtype=torch.float64, device=dev).index_add_(0, assign, ones)
