@@ -87,6 +87,23 @@ def read_tensors(f: Path, device: str | torch.device = "cpu") -> dict[str, torch
         raise IgptError(f"{f}: corrupt or not a safetensors file ({e})") from None
 
 
+def read_pt(f: Path):
+    """``torch.load(f, weights_only=True)``: tensors and plain containers only. A pickled object that could run
+    code, or a damaged file, is refused with an IgptError naming the file (torch's unpickler raises many
+    exception types on damaged input, AssertionError among them)."""
+    import pickle  # noqa: S403 - only for its exception type
+
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, OSError, ValueError, RuntimeError, KeyError, EOFError, AttributeError,
+            TypeError, IndexError, UnicodeDecodeError, AssertionError, OverflowError, MemoryError,
+            RecursionError) as e:
+        text = str(e).strip()
+        why = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise IgptError(f"{f}: refused or unreadable with torch.load(weights_only=True) "
+                        f"({why or (text.splitlines()[0][:200] if text else type(e).__name__)})") from None
+
+
 def build_model(cfg: ImageGPTConfig, state: dict[str, torch.Tensor], source: str) -> ImageGPT:
     """ImageGPT(cfg) holding ``state`` (tensors adopted, not copied); IgptError listing any missing, unknown
     or misshapen tensor, naming ``source``."""

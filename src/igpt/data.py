@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import struct
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from igpt.errors import IgptError
 from igpt.images import GREY_MODES, IMAGE_EXTS, composite_on_white, convert_channels, decode_image
+from igpt.io import NPY_ERRORS, check_npy_file
 
 _MAX_ELEMENTS = 1 << 34  # refuse headers that claim more than 16 GiB of pixels before allocating anything
 
@@ -71,15 +74,30 @@ def read_idx_header(f, path: Path) -> tuple[int, ...]:
     return dims
 
 
+_IDX_ERRORS = (OSError, EOFError, gzip.BadGzipFile, zlib.error)
+
+
+def _read_at_most(f, n: int) -> bytes:
+    """Up to n bytes, in 1 MiB reads: memory follows the data actually there, not what a header claims."""
+    parts, got = [], 0
+    while got < n:
+        b = f.read(min(n - got, 1 << 20))
+        if not b:
+            break
+        parts.append(b)
+        got += len(b)
+    return b"".join(parts)
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read a whole IDX file (gzip or plain) into a uint8 array of its declared shape."""
     path = Path(path)
-    with _open_maybe_gzip(path) as f:
-        try:
+    try:
+        with _open_maybe_gzip(path) as f:
             dims = read_idx_header(f, path)
-            data = f.read(int(np.prod(dims)) + 1)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
-            raise IgptError(f"{path}: corrupt file ({e})") from None
+            data = _read_at_most(f, int(np.prod(dims)) + 1)
+    except _IDX_ERRORS as e:
+        raise IgptError(f"{path}: corrupt file ({e})") from None
     if len(data) != int(np.prod(dims)):
         raise IgptError(f"{path}: IDX payload is {len(data)} bytes, header {dims} says {int(np.prod(dims))}")
     return np.frombuffer(data, np.uint8).reshape(dims)
@@ -87,8 +105,11 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 def idx_split(images: Path, labels: Path | None, start: int = 0, stop: int | None = None) -> Split:
     """A split reading images [start, stop) of an IDX image file (N, H, W) in chunks, with IDX labels."""
-    with _open_maybe_gzip(images) as f:
-        dims = read_idx_header(f, images)
+    try:
+        with _open_maybe_gzip(images) as f:
+            dims = read_idx_header(f, images)
+    except _IDX_ERRORS as e:
+        raise IgptError(f"{images}: corrupt file ({e})") from None
     if len(dims) != 3:
         raise IgptError(f"{images}: expected an IDX image file (N, H, W), got shape {dims}")
     lab = None
@@ -106,20 +127,24 @@ def idx_split(images: Path, labels: Path | None, start: int = 0, stop: int | Non
                 f.seek(4 + 4 * len(dims) + start * hw)
                 for s in range(start, stop, chunk):
                     b = min(chunk, stop - s)
-                    buf = f.read(b * hw)
+                    buf = _read_at_most(f, b * hw)
                     if len(buf) != b * hw:
                         raise IgptError(f"{images}: truncated IDX file (image {s + len(buf) // hw} of {dims[0]} missing)")
                     x = np.frombuffer(buf, np.uint8).reshape(b, dims[1], dims[2], 1)
                     yield x, None if lab is None else lab[s : s + b].astype(np.int64)
-            except (OSError, EOFError, gzip.BadGzipFile) as e:
+            except _IDX_ERRORS as e:
                 raise IgptError(f"{images}: corrupt file ({e})") from None
 
     return Split(stop - start, read)
 
 
 # -- CIFAR python batches -----------------------------------------------------------------------------------
-class _CifarUnpickler(pickle.Unpickler):
-    """Accepts only what CIFAR batches contain: dicts, lists, bytes/str, ints and plain numpy arrays."""
+class _CifarUnpickler(pickle._Unpickler):  # noqa: S301 - restricted by find_class below
+    """Accepts only what CIFAR batches contain: dicts, lists, bytes/str, ints and plain numpy arrays.
+
+    The pure-Python unpickler, not the C one: the C one sizes its memo table by the largest index a file
+    names, so a damaged batch with a LONG_BINPUT of 2^32 makes it allocate and zero tens of GB (found by
+    bench/fuzz.py); the Python one keeps the memo in a dict."""
 
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
@@ -132,9 +157,18 @@ class _CifarUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a CIFAR batch")
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """The one use of _codecs.encode in CIFAR pickles; no other codec (some import modules) is looked up."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not allowed in a CIFAR batch")
+    return text.encode("latin1")
 
 
 def read_cifar_batch(path: str | Path) -> dict:
@@ -144,8 +178,9 @@ def read_cifar_batch(path: str | Path) -> dict:
         with open(path, "rb") as f:
             d = _CifarUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, OverflowError, UnicodeDecodeError, ModuleNotFoundError) as e:
-        raise IgptError(f"{path}: not a valid CIFAR python batch ({e})") from None
+            MemoryError, OverflowError, UnicodeError, ModuleNotFoundError, LookupError, RecursionError,
+            struct.error) as e:
+        raise IgptError(f"{path}: not a valid CIFAR python batch ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict):
         raise IgptError(f"{path}: not a valid CIFAR python batch (holds a {type(d).__name__}, not a dict)")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -325,12 +360,15 @@ def array_source(path: str | Path, channels: int | None = None) -> Source:
     ``class_names`` string array."""
     path = Path(path)
     try:
+        check_npy_file(path)  # object arrays and headers that claim more data than the file holds
         if path.suffix == ".npy":
             arrays = {"images": np.load(path, mmap_mode="r", allow_pickle=False)}
         else:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
+    except IgptError:
+        raise
+    except NPY_ERRORS as e:
         raise IgptError(f"{path}: not a readable numpy file without pickled objects ({e})") from None
     for layout in _NPZ_LAYOUTS:
         if layout[0][1] in arrays:

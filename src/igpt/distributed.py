@@ -54,7 +54,14 @@ def init_distributed(device: torch.device) -> bool:
         return False
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    from torch.distributed.rendezvous import rendezvous
+
+    # torchrun's store outlives a restart (--max-restarts): without a per-attempt prefix a restarted rank can read
+    # the dead attempt's addresses and fail to connect (seen with gloo, static and c10d rendezvous alike)
+    store, rank, world = next(rendezvous("env://"))
+    store = dist.PrefixStore(f"igpt/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world,
+                            device_id=device if device.type == "cuda" else None)
     return True
 
 

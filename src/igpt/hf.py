@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import pickle  # noqa: S403 - only for its exception type; loading is torch.load(weights_only=True)
 import re
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from igpt.checkpoint import build_model, load_heads, load_model, read_tensors, save_model
+from igpt.checkpoint import build_model, load_heads, load_model, read_pt, read_tensors, save_model
 from igpt.errors import IgptError
 from igpt.io import atomic_dir, check_replaceable, read_json
 from igpt.model import ImageGPT, ImageGPTConfig
@@ -97,10 +96,7 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
 def _read_one(f: Path) -> dict[str, torch.Tensor]:
     if f.suffix == ".safetensors":
         return read_tensors(f)
-    try:  # weights_only: tensors and plain containers only, never arbitrary pickled objects
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError, AttributeError) as e:
-        raise IgptError(f"{f}: cannot be read as a PyTorch state dict with weights_only=True ({e})") from None
+    state = read_pt(f)  # weights_only: tensors and plain containers only, never arbitrary pickled objects
     if not isinstance(state, dict):
         raise IgptError(f"{f}: holds a {type(state).__name__}, not a state dict")
     return state

@@ -6,6 +6,9 @@ import json
 import os
 import shutil
 import tempfile
+import tokenize
+import zipfile
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,3 +111,51 @@ def figure_png(fig) -> bytes:
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+# What parsing a damaged or hostile .npy / .npz can raise inside numpy, zipfile and zlib (the header is parsed
+# as a Python literal: SyntaxError, tokenize.TokenError); readers turn these into an IgptError naming the file.
+NPY_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError, TypeError, KeyError, IndexError,
+              AttributeError, OverflowError, MemoryError, UnicodeDecodeError, zipfile.BadZipFile, zlib.error,
+              zipfile.LargeZipFile, RuntimeError, NotImplementedError)  # (zipfile: encrypted, unknown compression)
+
+
+def check_npy_header(f, where: str, available: int) -> None:
+    """Read the .npy header at ``f``'s position and refuse, before anything is allocated, an array that would
+    hold Python objects or more bytes than the ``available`` bytes of the file after the header (a header
+    claiming 10^12 pixels in a 1 kB file)."""
+    import numpy as np
+    from numpy.lib import format as fmt
+
+    start = f.tell()
+    try:
+        version = fmt.read_magic(f)
+        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0  # np.load's parser
+        shape, _, dtype = read(f)
+    except NPY_ERRORS as e:
+        raise IgptError(f"{where}: not a valid .npy array ({e})") from None
+    if dtype.hasobject:
+        raise IgptError(f"{where}: holds Python objects (pickled); only plain numeric arrays are read")
+    need = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    left = available - (f.tell() - start)
+    if need > left:
+        raise IgptError(f"{where}: header declares a {dtype} array of shape {tuple(shape)} ({need:,} bytes) but "
+                        f"the file holds {max(left, 0):,} bytes of data")
+
+
+def check_npy_file(path: Path) -> None:
+    """check_npy_header for a .npy file, or for every member of a .npz."""
+    path = Path(path)
+    try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    with z.open(info) as f:
+                        check_npy_header(f, f"{path}[{info.filename}]", info.file_size)
+            return
+        with open(path, "rb") as f:
+            check_npy_header(f, str(path), os.fstat(f.fileno()).st_size)
+    except IgptError:
+        raise
+    except NPY_ERRORS as e:
+        raise IgptError(f"{path}: not a readable numpy file ({e})") from None

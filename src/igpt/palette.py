@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from igpt.errors import IgptError
-from igpt.io import atomic_write_bytes
+from igpt.io import NPY_ERRORS, atomic_write_bytes, check_npy_file
 
 if TYPE_CHECKING:
     import torch
 
 _MISSING = np.uint16(0xFFFF)  # lookup-table entry not computed yet; so ids must stay below 65535
 _CHUNK = 16384
+_MAX_FILE = 2 << 20  # bytes: the largest palette (65534 colours x 3 float64s) is 1.5 MiB
 _PP_SAMPLE = 1 << 15  # distinct colours that k-means++ seeds from (Lloyd then runs on all of them)  # colours per distance block: (16384, k) float64 is 64 MiB at k = 512
 
 
@@ -173,18 +174,23 @@ class Palette:
             raise IgptError(f"palette file not found: {path}")
         if path.suffix == ".json":
             try:
+                if path.stat().st_size > 64 * _MAX_FILE:  # JSON spells a float in ~20 bytes
+                    raise ValueError(f"{path.stat().st_size:,} bytes, too large for a palette")
                 clusters = json.loads(path.read_text()).get("clusters")
-            except (ValueError, UnicodeDecodeError, AttributeError) as e:
+            except (ValueError, UnicodeDecodeError, AttributeError, RecursionError) as e:
                 raise IgptError(f"{path}: not a readable JSON object ({e})") from None
             if clusters is None:
                 raise IgptError(f"{path}: no 'clusters' entry, so it holds no palette")
             try:
                 return cls(np.asarray(clusters, dtype=np.float64))
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, OverflowError, RecursionError) as e:
                 raise IgptError(f"{path}: 'clusters' is not a (k, C) list of numbers ({e})") from None
         try:
+            if path.stat().st_size > _MAX_FILE:
+                raise IgptError(f"{path}: {path.stat().st_size:,} bytes, too large for a palette")
+            check_npy_file(path)  # object arrays, and headers that claim more than the file holds
             centers = np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
+        except (IgptError, *NPY_ERRORS) as e:
             raise IgptError(f"{path}: not a readable .npy palette ({e})") from None
         try:
             pal = cls(centers)

@@ -128,6 +128,11 @@ def train(cfg: TrainConfig) -> dict:
     started = D.init_distributed(device)
     try:
         result = _run(cfg, shards, mcfg, micro, accum, resume, device, dtype)
+    except OSError as e:  # a full disk, a read-only or vanished --out: one line, not a traceback
+        D.cleanup(started, sync=False)
+        last = latest_checkpoint(out / "checkpoints")
+        raise IgptError(f"{e.filename or out}: {e.strerror or e}; training stopped"
+                        + (f" (the last good checkpoint is {last})" if last else "")) from None
     except BaseException:
         D.cleanup(started, sync=False)
         raise
@@ -157,7 +162,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         set_state_dict(wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(full_state_dict=True))
         rngs = state["rng"]
-        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0], str(resume / "rng.pt"))
         start, best = state["meta"]["step"], state["meta"].get("best_val_loss")
     else:
         torch.manual_seed(cfg.seed + info.rank)  # dropout noise differs per rank
@@ -237,10 +242,18 @@ def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root) -> Path:
     mstate, ostate = get_state_dict(wrapped, opt, options=full)
     rngs = D.gather_objects(rng_state())
     path = ckpt_root / f"step-{n:06d}"
+    error = None
     if info.is_main:
         meta = {"step": n, "tokens_seen": n * cfg.batch_size * mcfg.seq_len, "samples_seen": n * cfg.batch_size,
                 "world_size": info.world_size, "best_val_loss": best, "train_config": cfg.to_dict(),
                 "model_config": mcfg.to_dict(), "igpt_version": __version__}
-        save_train_checkpoint(ckpt_root, mstate, mcfg, shards.palette, ostate, rngs, meta, cfg.keep)
-    D.barrier()
+        try:
+            save_train_checkpoint(ckpt_root, mstate, mcfg, shards.palette, ostate, rngs, meta, cfg.keep)
+        except OSError as e:  # disk full, read-only or vanished directory; the previous checkpoints are intact
+            prev = latest_checkpoint(ckpt_root)
+            error = (f"cannot write checkpoint {path} ({e.strerror or e}); training stopped at step {n}; "
+                     + (f"the last good checkpoint is {prev}" if prev else "no earlier checkpoint exists"))
+    errors = D.gather_objects(error)  # instead of a barrier: every rank learns that rank 0 failed, and stops
+    if errors[0] is not None:
+        raise IgptError(errors[0])
     return path

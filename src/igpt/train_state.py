@@ -7,8 +7,9 @@
         train_state.json    step, tokens seen, data position, world size, the resolved train config (written last)
       latest                the name of the newest complete checkpoint, updated after it is in place
 Each checkpoint directory appears in one rename (igpt.io.atomic_dir), so a crash never leaves one that loads:
-loading requires train_state.json, and temporary directories start with '.'. ``.pt`` files hold only
-tensors, numbers, strings and lists, and are loaded with ``torch.load(weights_only=True)``.
+loading requires train_state.json, and temporary directories start with '.'. Old checkpoints leave the same
+way (renamed to a hidden name, then deleted), and the next save removes what a killed process left behind.
+``.pt`` files hold only tensors, numbers, strings and lists, and are loaded with ``torch.load(weights_only=True)``.
 The model and optimizer states are full (gathered) ones, so a run saved by W ranks, with DDP or FSDP2, resumes
 on any number of ranks.
 """
@@ -16,6 +17,7 @@ on any number of ranks.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -24,15 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igpt.checkpoint import MODEL_FILE, build_model, read_config, read_tensors, write_model_files
+from igpt.checkpoint import MODEL_FILE, build_model, read_config, read_pt, read_tensors, write_model_files
 from igpt.errors import IgptError
-from igpt.io import atomic_dir, atomic_write_bytes
+from igpt.io import atomic_dir, atomic_write_bytes, read_json
 
 OPTIM_FILE = "optimizer.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "train_state.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# temporaries of igpt.io (".step-000010.x1y2.tmp", ".latest.x1y2.tmp"), directories moved aside or being
+# deleted (".step-000010.old-123", ".step-000010.deleting")
+_LEFTOVER = re.compile(r"^\.(step-\d+|latest)\..+\.(tmp|deleting)$|^\.step-\d+\.old-\d+$|^\.step-\d+\.deleting$")
 
 
 def step_dir_name(step: int) -> str:
@@ -50,14 +55,18 @@ def rng_state() -> dict:
     return st
 
 
-def set_rng_state(st: dict) -> None:
-    v, keys, g = st["python"]
-    random.setstate((v, tuple(keys), g))
-    kind, keys, pos, has_gauss, gauss = st["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state(st["cuda"])
+def set_rng_state(st: dict, source: str = "the checkpoint") -> None:
+    """Restore what rng_state() saved; IgptError naming ``source`` when the saved states are damaged."""
+    try:
+        v, keys, g = st["python"]
+        random.setstate((v, tuple(keys), g))
+        kind, keys, pos, has_gauss, gauss = st["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(st["torch"])
+        if "cuda" in st and torch.cuda.is_available():
+            torch.cuda.set_rng_state(st["cuda"])
+    except (TypeError, ValueError, RuntimeError, OverflowError, KeyError, IndexError, AttributeError) as e:
+        raise IgptError(f"{source}: damaged RNG state ({type(e).__name__}: {e})") from None
 
 
 def save_train_checkpoint(ckpt_root: Path, model_state: dict, model_cfg, palette, optim_state: dict,
@@ -72,8 +81,27 @@ def save_train_checkpoint(ckpt_root: Path, model_state: dict, model_cfg, palette
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     atomic_write_bytes(ckpt_root / LATEST, (path.name + "\n").encode())  # only after the directory is in place
     for old in list_checkpoints(ckpt_root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+    for junk in ckpt_root.glob(".*"):  # what a killed process left: temporary or half-deleted directories
+        if _LEFTOVER.match(junk.name):
+            _remove(junk)
     return path
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint directory so that no reader ever sees half of it: rename it to a hidden name (one
+    atomic step that takes it out of ``list_checkpoints``), then delete that."""
+    if not path.name.startswith("."):
+        hidden = path.with_name(f".{path.name}.deleting")
+        try:
+            os.replace(path, hidden)
+        except OSError:
+            return
+        path = hidden
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def is_complete(path: Path) -> bool:
@@ -89,12 +117,9 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The checkpoint ``latest`` names, or (pointer missing or stale) the newest complete one; None if none."""
-    pointer = ckpt_root / LATEST
-    if pointer.is_file():
-        p = ckpt_root / pointer.read_text().strip()
-        if _STEP_DIR.match(p.name) and is_complete(p):
-            return p
+    """The newest complete checkpoint; None if none. ``latest`` is for readers (people, scripts): a process
+    killed between a checkpoint's rename and the pointer's update leaves it one behind, and a complete
+    directory is all a resume needs, so the directories decide."""
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None
 
@@ -111,10 +136,17 @@ def load_train_checkpoint(path: Path, model_cfg) -> dict:
         diff = {k: (v, getattr(model_cfg, k)) for k, v in saved.to_dict().items() if getattr(model_cfg, k) != v}
         raise IgptError(f"{path}: checkpoint of another model (saved vs now: {diff})")
     state = build_model(saved, read_tensors(path / MODEL_FILE), str(path / MODEL_FILE)).state_dict()
-    try:
-        optim = torch.load(path / OPTIM_FILE, map_location="cpu", weights_only=True)
-        rng = torch.load(path / RNG_FILE, map_location="cpu", weights_only=True)["ranks"]
-        meta = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise IgptError(f"{path}: unreadable training checkpoint ({e})") from None
-    return {"model": state, "optim": optim, "rng": rng, "meta": meta}
+    optim, rng = read_pt(path / OPTIM_FILE), read_pt(path / RNG_FILE)
+    meta = read_json(path / STATE_FILE)
+    if not (isinstance(optim, dict) and isinstance(rng, dict) and isinstance(rng.get("ranks"), list)
+            and isinstance(meta, dict) and isinstance(meta.get("step"), int)):
+        raise IgptError(f"{path}: unreadable training checkpoint (optimizer.pt, rng.pt or train_state.json is "
+                        "not what igpt writes)")
+    try:  # Adam's moments must fit the parameters (a damaged file would otherwise fail at the first step)
+        for name, st in optim["state"].items():
+            for k in ("exp_avg", "exp_avg_sq"):
+                if k in st and tuple(st[k].shape) != tuple(state[name].shape):
+                    raise ValueError(f"{name}.{k} has shape {tuple(st[k].shape)}, the parameter {tuple(state[name].shape)}")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise IgptError(f"{path / OPTIM_FILE}: does not fit the model ({type(e).__name__}: {e})") from None
+    return {"model": state, "optim": optim, "rng": rng["ranks"], "meta": meta}
