@@ -1,24 +1,22 @@
-"""Palette benchmarks, ours against the references in the same run; prints JSON.
+"""Palette benchmarks, ours against the references in the same run (cases for bench/run.py).
 
 - quantization of 32x32 RGB images: igpt ``Palette.quantize`` against ``transformers``' ImageGPT image
   processor (its Pil variant, resizing off), images/s; ours cold (empty lookup table) and warm;
 - palette fitting: ``fit_palette`` (512 colours, 1M pixels) against scikit-learn's MiniBatchKMeans, seconds
   and inertia (sum of squared distances in [-1, 1] units over the same pixels).
 
-Runs alternate ours and the reference (A B A B) and report medians, with the load average before and after.
-Usage: python bench/bench_palette.py [--quick]
+Runs alternate ours and the reference (A B A B) and report medians, with the CPU time other processes took.
+Cases ``quantize`` and ``palette_fit``; --quick uses 200 reference images and 200k pixels.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+from common import Contention, others_summary
 
 from igpt.images import convert_channels, decode_image, to_square
 from igpt.palette import Palette, fit_palette, to_unit
@@ -54,67 +52,62 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
-def bench_quantize(images: np.ndarray, palette: Palette, repeats: int, hf_count: int) -> dict:
+def quantize_case(quick: bool) -> dict:
+    """igpt Palette.quantize (cold: empty lookup table; warm) against the HF image processor, images/s.
+    ratio = ours warm / reference."""
     from transformers import ImageGPTImageProcessorPil
 
+    images, what = real_images(32)
+    palette = fit_palette(images.reshape(-1, 3), 512, seed=0).palette
+    repeats, hf_count = (2, 200) if quick else (3, 400)
     proc = ImageGPTImageProcessorPil(clusters=palette.centers, do_resize=False)
     hf_imgs = list(images[:hf_count])
-    ours_cold, ours_warm, hf = [], [], []
+    cold, warm, hf, others = [], [], [], []
     for _ in range(repeats):  # A B A B
-        fresh = Palette(palette.centers)
-        t, ids = timed(lambda p=fresh: p.quantize(images))
-        ours_cold.append(len(images) / t)
-        t, _ = timed(lambda p=fresh: p.quantize(images))
-        ours_warm.append(len(images) / t)
-        t, ref = timed(lambda: np.asarray(proc(images=hf_imgs, return_tensors="np")["input_ids"]))
-        hf.append(hf_count / t)
+        with Contention() as c:
+            fresh = Palette(palette.centers)
+            t, ids = timed(lambda p=fresh: p.quantize(images))
+            cold.append(len(images) / t)
+            t, _ = timed(lambda p=fresh: p.quantize(images))
+            warm.append(len(images) / t)
+            t, ref = timed(lambda: np.asarray(proc(images=hf_imgs, return_tensors="np")["input_ids"]))
+            hf.append(hf_count / t)
+        others.append(c.others)
     agree = float((ids[:hf_count].reshape(hf_count, -1) == ref).mean())
-    med = {k: statistics.median(v) for k, v in (("cold", ours_cold), ("warm", ours_warm), ("hf", hf))}
+    med = {k: statistics.median(v) for k, v in (("cold", cold), ("warm", warm), ("hf", hf))}
     return {
-        "images": len(images), "hf_images": hf_count, "ids_agree_with_hf": agree,
-        "ours_cold_images_per_s": round(med["cold"]), "ours_warm_images_per_s": round(med["warm"]),
-        "hf_images_per_s": round(med["hf"], 1),
-        "speedup_cold": round(med["cold"] / med["hf"], 1), "speedup_warm": round(med["warm"] / med["hf"], 1),
+        "data": what, "images": len(images), "reference_images": hf_count, "ids_agree_with_reference": agree,
+        "ours": {"images_s": round(med["warm"]), "cold_images_s": round(med["cold"])},
+        "reference": {"images_s": round(med["hf"], 1), "what": "transformers ImageGPTImageProcessorPil"},
+        "ratio": round(med["warm"] / med["hf"], 1), "ratio_cold": round(med["cold"] / med["hf"], 1),
+        "others_cores": others_summary(others),
     }
 
 
-def bench_fit(pixels: np.ndarray, k: int, repeats: int) -> dict:
+def palette_fit_case(quick: bool, k: int = 512) -> dict:
+    """fit_palette against scikit-learn's MiniBatchKMeans on the same pixels; ratio = reference s / ours s,
+    and both inertias (sum of squared distances in [-1, 1] units over the same pixels; lower is better)."""
     from sklearn.cluster import MiniBatchKMeans
 
+    pixels = photo_pixels(200_000 if quick else 1_000_000)
     x = to_unit(pixels)
-    ours_t, ours_i, sk_t, sk_i = [], [], [], []
-    for r in range(repeats):  # A B A B
-        t, fit = timed(lambda r=r: fit_palette(pixels, k, seed=r))
-        ours_t.append(t)
-        ours_i.append(fit.inertia)
-        t, km = timed(lambda r=r: MiniBatchKMeans(k, random_state=r).fit(x))
-        sk_t.append(t)
-        sk_i.append(float(km.inertia_))
+    ours_t, ours_i, sk_t, sk_i, others = [], [], [], [], []
+    for r in range(1 if quick else 2):  # A B A B
+        with Contention() as c:
+            t, fit = timed(lambda r=r: fit_palette(pixels, k, seed=r))
+            ours_t.append(t)
+            ours_i.append(fit.inertia)
+            t, km = timed(lambda r=r: MiniBatchKMeans(k, random_state=r).fit(x))
+            sk_t.append(t)
+            sk_i.append(float(km.inertia_))
+        others.append(c.others)
     return {
-        "pixels": len(pixels), "k": k, "distinct_colours": fit.n_unique, "ours_iterations": fit.n_iter,
-        "ours_s": round(statistics.median(ours_t), 2), "sklearn_minibatch_s": round(statistics.median(sk_t), 2),
-        "ours_inertia": round(statistics.median(ours_i), 1), "sklearn_inertia": round(statistics.median(sk_i), 1),
-        "time_ratio_sklearn_over_ours": round(statistics.median(sk_t) / statistics.median(ours_t), 2),
+        "pixels": len(pixels), "k": k, "distinct_colours": fit.n_unique,
+        "ours": {"seconds": round(statistics.median(ours_t), 2), "inertia": round(statistics.median(ours_i), 1),
+                 "iterations": fit.n_iter},
+        "reference": {"seconds": round(statistics.median(sk_t), 2), "inertia": round(statistics.median(sk_i), 1),
+                      "what": "sklearn MiniBatchKMeans(512)"},
+        "ratio": round(statistics.median(sk_t) / statistics.median(ours_t), 2),
+        "inertia_ratio": round(statistics.median(ours_i) / statistics.median(sk_i), 4),
+        "others_cores": others_summary(others),
     }
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats and pixels (a smoke run)")
-    args = ap.parse_args()
-    load0 = os.getloadavg()
-    images, what = real_images(32)
-    pixels = photo_pixels(200_000 if args.quick else 1_000_000)
-    palette = fit_palette(images.reshape(-1, 3), 512, seed=0).palette
-    out = {
-        "bench": "palette", "threads": int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)),
-        "data": what,
-        "quantize_32x32_rgb": bench_quantize(images, palette, 2 if args.quick else 3, 200 if args.quick else 400),
-        "fit_512": bench_fit(pixels, 512, 1 if args.quick else 2),
-    }
-    out["loadavg_1m_before_after"] = [round(load0[0], 2), round(os.getloadavg()[0], 2)]
-    print(json.dumps(out, indent=2))
-
-
-if __name__ == "__main__":
-    main()

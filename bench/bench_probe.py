@@ -1,22 +1,20 @@
 """Probe fit benchmark: igpt's torch L-BFGS logistic regression against scikit-learn's
-LogisticRegression(solver="lbfgs") on the same standardised features and the same C; prints JSON.
+LogisticRegression(solver="lbfgs") on the same standardised features and the same C.
 
 Features: a fixed random linear map of noisy class prototypes (N, d), 10 classes, so the problem is neither
-separable nor trivial. Reports seconds per fit (median of --repeats, alternating ours and sklearn), held-out
+separable nor trivial. Reports seconds per fit (median of 3 fits, alternating ours and sklearn), held-out
 accuracy, and both solutions' objective values under the shared objective (nats per example, penalty included).
-Usage: python bench/bench_probe.py [--n 20000 --d 256 --C 0.1 --repeats 3] [--quick]
+Run through bench/run.py (case ``probe_fit``).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import statistics
 import time
 
 import numpy as np
 import torch
+from common import Contention, others_summary
 
 from igpt.logreg import Standardizer, fit_logreg, objective
 
@@ -30,42 +28,34 @@ def features(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return X.astype(np.float32), y
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--d", type=int, default=256)
-    ap.add_argument("--C", type=float, default=0.1)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="n 4000, d 64, 1 repeat")
-    a = ap.parse_args()
-    if a.quick:
-        a.n, a.d, a.repeats = 4000, 64, 1
+def probe_fit_case(quick: bool, n: int = 20000, d: int = 256, C: float = 0.1) -> dict:
+    """Seconds per fit, ours against sklearn (median, alternating); ratio = sklearn s / ours s."""
     from sklearn.linear_model import LogisticRegression
 
-    X, y = features(a.n + a.n // 4, a.d, 10)
-    s = Standardizer.fit(X[: a.n])
-    Xtr, ytr, Xte, yte = s(X[: a.n]), y[: a.n], s(X[a.n :]), y[a.n :]
-    load0 = os.getloadavg()[0]
-    t_ours, t_ref = [], []
-    for _ in range(a.repeats):
-        t = time.perf_counter()
-        ours = fit_logreg(Xtr, ytr, a.C, 10, device="cpu")
-        t_ours.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        ref = LogisticRegression(C=a.C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr)
-        t_ref.append(time.perf_counter() - t)
+    n, d, repeats = (4000, 64, 1) if quick else (n, d, 3)
+    X, y = features(n + n // 4, d, 10)
+    s = Standardizer.fit(X[:n])
+    Xtr, ytr, Xte, yte = s(X[:n]), y[:n], s(X[n:]), y[n:]
+    t_ours, t_ref, others = [], [], []
+    for _ in range(repeats):
+        with Contention() as c:
+            t = time.perf_counter()
+            ours = fit_logreg(Xtr, ytr, C, 10, device="cpu")
+            t_ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ref = LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr)
+            t_ref.append(time.perf_counter() - t)
+        others.append(c.others)
     Xt, yt = torch.tensor(Xtr, dtype=torch.float64), torch.tensor(ytr)
-    ref_obj = objective(torch.tensor(ref.coef_).double(), torch.tensor(ref.intercept_).double(), Xt, yt, a.C).item()
-    ours_obj = objective(ours.W.double(), ours.b.double(), Xt, yt, a.C).item()
-    print(json.dumps({
-        "n_train": a.n, "d": a.d, "classes": 10, "C": a.C, "threads": torch.get_num_threads(),
-        "ours": {"seconds": statistics.median(t_ours), "iterations": ours.iterations,
+    ref_obj = objective(torch.tensor(ref.coef_).double(), torch.tensor(ref.intercept_).double(), Xt, yt, C).item()
+    ours_obj = objective(ours.W.double(), ours.b.double(), Xt, yt, C).item()
+    return {
+        "n_train": n, "d": d, "classes": 10, "C": C, "threads": torch.get_num_threads(),
+        "ours": {"seconds": round(statistics.median(t_ours), 3), "iterations": ours.iterations,
                  "test_accuracy": ours.accuracy(Xte, yte), "objective_nats": ours_obj, "dtype": "float32"},
-        "sklearn": {"seconds": statistics.median(t_ref), "iterations": int(ref.n_iter_.max()),
-                    "test_accuracy": float(ref.score(Xte, yte)), "objective_nats": ref_obj, "dtype": "float32 in"},
-        "load_avg_before_after": [load0, os.getloadavg()[0]],
-    }, indent=2))
-
-
-if __name__ == "__main__":
-    main()
+        "reference": {"seconds": round(statistics.median(t_ref), 3), "iterations": int(ref.n_iter_.max()),
+                      "test_accuracy": float(ref.score(Xte, yte)), "objective_nats": ref_obj,
+                      "what": "sklearn LogisticRegression(lbfgs), float32 in"},
+        "ratio": round(statistics.median(t_ref) / statistics.median(t_ours), 2),
+        "others_cores": others_summary(others),
+    }

@@ -12,6 +12,7 @@ import json
 import time
 
 import torch
+from common import flops_per_token
 
 from igpt.model import ImageGPT, ar_inputs, ar_loss
 from igpt.presets import get_preset
@@ -56,8 +57,7 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "preset": args.preset,
            "batch": args.batch, "seq_len": T}
     ours = ImageGPT(cfg).to(args.device)
-    n = sum(p.numel() for name, p in ours.named_parameters() if not name.startswith(("wte", "wpe")))
-    flops_tok = 6 * n + 12 * L * T * d
+    flops_tok, _ = flops_per_token(ours)
     for name, dtype in (("bf16", torch.bfloat16), ("fp32_tf32", torch.float32)):
         s = step_time(ours, x, cfg.sos_id, args.steps, dtype)
         tok = args.batch * T / s

@@ -2,19 +2,23 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from igpt_testutil import PARITY_CONFIGS, hf_model, require_correct_hf_scale, tiny_config, tiny_model
 
+import igpt.model
 from igpt.errors import IgptError
 from igpt.model import (
     ImageGPT,
     ImageGPTConfig,
+    RMSNorm,
     ar_inputs,
     ar_loss,
     bert_loss,
     bert_mask,
+    norm_linear,
     quick_gelu,
     rms_norm,
 )
@@ -82,6 +86,39 @@ def test_mlp_equals_quick_gelu_formula():
     torch.testing.assert_close(mlp(x), ref, atol=1e-6, rtol=1e-5)
     z = torch.linspace(-4, 4, 9)
     torch.testing.assert_close(quick_gelu(z), z * torch.sigmoid(1.702 * z))
+
+
+def test_mlp_training_backward_equals_the_formula_and_gradchecks(monkeypatch):
+    monkeypatch.setattr(igpt.model, "RECOMPUTE_NUMEL", 0)  # the recomputing backward even at this size
+    m = tiny_model().double()
+    mlp = m.h[0].mlp
+    for p in mlp.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(2, 5, 24, dtype=torch.double, requires_grad=True)
+    g = torch.randn(2, 5, 24, dtype=torch.double)
+    ref = mlp.c_proj(quick_gelu(mlp.c_fc(x)))  # plain autograd through the formula
+    grads_ref = torch.autograd.grad(ref, [x, *mlp.parameters()], g)
+    out = mlp(x)  # the recomputing backward (grad enabled, no autocast)
+    assert "_SiluLinearFnBackward" in str(out.grad_fn.next_functions)  # (a view of) the custom function's output
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(torch.autograd.grad(out, [x, *mlp.parameters()], g), grads_ref, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda a: mlp(a), (x[:1, :2],))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_norm_linear_equals_norm_then_linear_and_gradchecks(bias):
+    norm = RMSNorm(6, 1e-5).double()
+    w = norm.weight.detach().normal_(1, 0.3).requires_grad_()
+    W = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
+    b = torch.randn(5, dtype=torch.double, requires_grad=True) if bias else None
+    x = torch.randn(2, 3, 6, dtype=torch.double, requires_grad=True)
+    torch.testing.assert_close(norm_linear(x, norm, W, b), torch.nn.functional.linear(norm(x), W, b))
+
+    def f(x, w, W, b=None):  # the gain as an input, so gradcheck perturbs it too
+        return norm_linear(x, SimpleNamespace(weight=w, eps=1e-5), W, b)
+
+    assert torch.autograd.gradcheck(f, (x, w, W, b) if bias else (x, w, W))
 
 
 def test_init_as_the_paper():

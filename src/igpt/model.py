@@ -25,6 +25,7 @@ from igpt.errors import IgptError
 
 MODES = ("ar", "bert")
 GELU_SCALE = 1.702  # quick-GELU: x * sigmoid(1.702 x), OpenAI's gelu2
+RECOMPUTE_NUMEL = 1 << 23  # MLP activations of at least this many elements (32 MB fp32) recompute silu in backward
 
 
 @dataclass
@@ -177,6 +178,56 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+class _NormLinearFn(torch.autograd.Function):
+    """rms_norm(x, w) @ W^T (+ b) for x (N, d) with the norm folded into the matmul: the per-row 1/rms commutes
+    with it, so y = rstd * (x @ (W diag(w))^T) + b. It saves x and rstd (N, 1) instead of x and the normalised
+    copy, and makes ~5 elementwise passes over (N, d) where rms_norm + linear made ~11 (each ~0.5-1 ms at
+    N = 8192, d = 128 on one core). Measured on one core: training steps 3% faster at t16, 5% at s32."""
+
+    @staticmethod
+    def forward(ctx, x, w, W, b, eps: float):
+        rstd = torch.rsqrt(torch.linalg.vecdot(x, x).div_(x.shape[-1]).add_(eps)).unsqueeze_(-1)  # (N, 1)
+        m = torch.mm(x, (W * w).t())  # (N, out)
+        ctx.save_for_backward(x, w, W, rstd)
+        ctx.has_bias = b is not None
+        return m.mul_(rstd) if b is None else torch.addcmul(b, m, rstd)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, W, rstd = ctx.saved_tensors
+        xs = x * rstd  # (N, d) the normalised x before the gain
+        h = g.mm(W * w)  # (N, d) gradient w.r.t. the normalised-and-scaled input
+        dwW = g.t().mm(xs)  # (out, d) gradient w.r.t. W diag(w)
+        dot = torch.linalg.vecdot(h, xs).div_(x.shape[-1]).unsqueeze_(-1)  # (N, 1)
+        dx = torch.addcmul(h, xs, dot, value=-1.0).mul_(rstd)  # rstd * (h - xs * mean(h * xs))
+        return dx, (dwW * W).sum(0), dwW * w, g.sum(0) if ctx.has_bias else None, None
+
+
+def norm_linear(x: torch.Tensor, norm: RMSNorm, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(norm(x), weight, bias) for x (..., d); one folded kernel sequence unless autocast is on (then
+    the plain composition, so autocast's casts apply as usual)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(norm(x), weight, bias)
+    y = _NormLinearFn.apply(x.reshape(-1, x.shape[-1]), norm.weight, weight, bias, norm.eps)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+class _SiluLinearFn(torch.autograd.Function):
+    """silu(z) @ W^T + b for z (N, k) that saves z but not silu(z): the backward recomputes it (one elementwise
+    pass), so the MLP keeps one (N, 4d) tensor per layer for the backward instead of two."""
+
+    @staticmethod
+    def forward(ctx, z, W, b):
+        ctx.save_for_backward(z, W)
+        return torch.addmm(b, F.silu(z), W.t())  # (N, out)
+
+    @staticmethod
+    def backward(ctx, g):
+        z, W = ctx.saved_tensors
+        dW = g.t().mm(F.silu(z))  # (out, k)
+        return torch.ops.aten.silu_backward(g.mm(W), z), dW, g.sum(0)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ImageGPTConfig):
         super().__init__()
@@ -184,9 +235,11 @@ class Attention(nn.Module):
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # fused q | k | v, head j owns columns j*hd..
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d); with ``norm``, attention over norm(x) (folded into c_attn)."""
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)
+        qkv = self.c_attn(x) if norm is None else norm_linear(x, norm, self.c_attn.weight, self.c_attn.bias)
+        qkv = qkv.view(B, T, 3, self.n_head, C // self.n_head)
         # (B, H, T, hd) views. Unbinding dim 2 lets the backward stack SDPA's (B, T, H, hd)-laid-out gradients
         # straight into c_attn's output layout (no zero-fill + copy as indexing has, no extra permute copy).
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
@@ -202,11 +255,17 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
         self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # c_proj(quick_gelu(c_fc(x))) with quick_gelu(z) = silu(1.702 z) / 1.702, the two scalings applied to
-        # the (small) weights rather than to (N, 4d) activations: one fused elementwise kernel each way.
-        z = F.linear(x, self.c_fc.weight * GELU_SCALE, self.c_fc.bias * GELU_SCALE)  # (B, T, 4d)
-        y = F.linear(F.silu(z), self.c_proj.weight / GELU_SCALE, self.c_proj.bias)  # (B, T, d)
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d) = c_proj(quick_gelu(c_fc(x))); with ``norm``, of norm(x) (folded into c_fc)."""
+        # quick_gelu(z) = silu(1.702 z) / 1.702, the two scalings applied to the (small) weights rather than to
+        # (N, 4d) activations: one fused elementwise kernel each way.
+        w1, b1 = self.c_fc.weight * GELU_SCALE, self.c_fc.bias * GELU_SCALE
+        w2, b2 = self.c_proj.weight / GELU_SCALE, self.c_proj.bias
+        z = F.linear(x, w1, b1) if norm is None else norm_linear(x, norm, w1, b1)  # (B, T, 4d)
+        if torch.is_grad_enabled() and z.numel() >= RECOMPUTE_NUMEL and not torch.is_autocast_enabled(x.device.type):
+            y = _SiluLinearFn.apply(z.reshape(-1, z.shape[-1]), w2, b2).view(x.shape)  # saves silu(z)'s memory
+        else:  # small (the recompute would cost ~3% of a step), inference, or autocast (casts left to F.linear)
+            y = F.linear(F.silu(z), w2, b2)
         return F.dropout(y, self.dropout, self.training)
 
 
@@ -219,8 +278,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.attn(x, self.ln_1)  # = attn(ln_1(x)), the norm folded into c_attn
+        return x + self.mlp(x, self.ln_2)
 
 
 class ImageGPT(nn.Module):
@@ -286,7 +345,7 @@ class ImageGPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         *_, x = self._blocks(self.embed(idx, mask))  # the residual after the last block
-        return self.lm_head(self.ln_f(x))  # (B, T, palette_size)
+        return norm_linear(x, self.ln_f, self.lm_head.weight, None)  # (B, T, palette_size) = lm_head(ln_f(x))
 
     def hidden_states(self, idx: torch.Tensor, mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """HF ``output_hidden_states`` layout: [embedding, residual after block 1 .. L-1, ln_f(after block L)]."""

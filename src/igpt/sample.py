@@ -50,7 +50,9 @@ class Decoder:
         if not cfg.causal:
             raise IgptError("sampling needs an autoregressive ('ar') model; this one is 'bert'")
         p = next(model.parameters())
-        self.cfg, self.B, self.deps = cfg, batch, cfg.n_embd * cfg.norm_eps
+        self.cfg, self.B = cfg, batch
+        # d * eps as a 0-dim tensor of the model's dtype: adding a Python float converts it on every call
+        self.deps = torch.tensor(cfg.n_embd * cfg.norm_eps, dtype=p.dtype, device=p.device)
         H, hd, d, T = cfg.n_head, cfg.head_dim, cfg.n_embd, cfg.seq_len
         self.wte, self.wpe = model.wte.weight.detach(), model.wpe.weight.detach()
         rd = math.sqrt(d)
