@@ -62,6 +62,23 @@ def test_shards_equal_in_memory_pipeline(tmp_path, rng):
         assert np.array_equal(sh.labels(split), ref[split][1])
 
 
+def test_test_fraction_carves_a_disjoint_test_split(tmp_path, rng):
+    """A source without a test split (class folders) gets one held out of train, disjoint from train and val;
+    the three splits together are exactly the source's images."""
+    data = make_folder(tmp_path / "imgs", rng, per=20)
+    meta = prepare(PrepareConfig(out=str(tmp_path / "out"), data=str(data), n_px=8, palette_size=12,
+                                 test_fraction=0.2, seed=4))
+    assert meta["counts"] == {"train": 43, "val": 5, "test": 12}
+    sh = load_shards(tmp_path / "out")
+    ref = in_memory(data, 8, sh.palette, val_fraction=0.0)["train"][0]  # every image, in source order
+    rows = {s: {bytes(r) for r in np.asarray(sh.tokens(s))} for s in ("train", "val", "test")}
+    assert not (rows["train"] & rows["test"]) and not (rows["val"] & rows["test"]) and not (rows["train"] & rows["val"])
+    assert rows["train"] | rows["val"] | rows["test"] == {bytes(r) for r in ref}
+    assert all(sh.labels(s) is not None for s in ("train", "val", "test"))
+    with pytest.raises(IgptError, match="test_fraction"):
+        PrepareConfig(out="x", test_fraction=0.95)
+
+
 def test_bundled_prepare_with_given_palette(tmp_path):
     pal = Palette(np.linspace(-1, 1, 8)[:, None].astype(np.float32))
     pal.save(tmp_path / "grey8.npy")

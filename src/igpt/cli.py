@@ -12,7 +12,8 @@ from igpt import __version__
 from igpt.errors import IgptError
 
 DATA_HELP = ("a named data set ({names}), an image folder (root/<class>/*.png or flat), a CIFAR batch folder "
-             "or file, an IDX image file, or an .npz/.npy array file")
+             "or file, an IDX image file, an .npz/.npy array file, or openai-npy:DIR for OpenAI's "
+             "pre-quantized trX/vaX/teX.npy (palette ids already; give --palette kmeans_centers.npy)")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -20,7 +21,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = PrepareConfig(
         out=args.out, data=args.data, n_px=args.n_px, palette=args.palette, palette_size=args.palette_size,
-        data_dir=args.data_dir, channels=args.channels, val_fraction=args.val_fraction, seed=args.seed,
+        data_dir=args.data_dir, channels=args.channels, val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction, seed=args.seed,
         skip_bad=args.skip_bad, chunk_size=args.chunk_size, fit_pixels=args.fit_pixels,
     )
     meta = prepare(cfg)
@@ -45,18 +47,36 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_import(source: str, info: dict, kind: str, no_palette: str) -> None:
+    c = info["config"]
+    print(f"imported {source}: {kind}{c['n_layer']} layers, {c['n_embd']} wide, {c['n_head']} heads, "
+          f"{c['n_px']}x{c['n_px']}, {info['parameters']:,} parameters, palette {info['palette'] or no_palette}")
+    if info["heads"]:
+        print(f"extra heads kept: {', '.join(info['heads'])}")
+
+
 def cmd_import_hf(args: argparse.Namespace) -> int:
     from igpt.hf import import_hf
 
     info = import_hf(args.hf_dir, args.out)
-    c = info["config"]
-    print(f"imported {args.hf_dir}: {c['n_layer']} layers, {c['n_embd']} wide, {c['n_head']} heads, "
-          f"{c['n_px']}x{c['n_px']}, {info['parameters']:,} parameters, palette "
-          f"{info['palette'] or 'none (no preprocessor_config.json)'}")
-    if info["heads"]:
-        print(f"extra heads kept: {', '.join(info['heads'])}")
+    _print_import(args.hf_dir, info, "", "none (no preprocessor_config.json)")
     if info["note"]:
         print(f"note: {info['note']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_import_openai(args: argparse.Namespace) -> int:
+    from igpt.openai import OpenAIImportConfig, import_openai
+
+    info = import_openai(OpenAIImportConfig(checkpoint=args.prefix, out=args.out, palette=args.palette,
+                                            bert=args.bert, preset=args.preset, n_head=args.n_head,
+                                            verify=not args.no_verify))
+    _print_import(args.prefix, info, f"{info['config']['mode'].upper()} model, ", "none (no --palette)")
+    if info["optimizer_slots"] or info["unused"]:
+        names = info["unused"][:10] + (["..."] if len(info["unused"]) > 10 else [])
+        print(f"not imported: {info['optimizer_slots']} optimizer slot(s) and {len(info['unused'])} other "
+              f"tensor(s){': ' + ', '.join(names) if names else ''}")
     print(f"wrote {args.out}")
     return 0
 
@@ -174,6 +194,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 LABELLED = "labelled token shards with train, val and test splits"
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from igpt.demo import DemoConfig, run_demo
+
+    run_demo(DemoConfig(out=args.out, data=args.data, data_dir=args.data_dir, minutes=args.minutes,
+                        steps=args.steps, n_px=args.n_px, palette_size=args.palette_size, preset=args.preset,
+                        seed=args.seed, device=args.device, progress=args.progress))
+    return 0
+
+
+def _data_source_args(p: argparse.ArgumentParser) -> None:
+    from igpt.datasets import names
+
+    p.add_argument("--data", default="fashion-mnist-mini", help=DATA_HELP.format(names=", ".join(names())))
+    p.add_argument("--data-dir", help="folder holding named data sets as DIR/<name>/ (default $IGPT_DATA_DIR)")
+
+
 def _model_and_shards(p: argparse.ArgumentParser, checkpoint_help: str, data_help: str) -> None:
     """The flags every command that runs a checkpoint on token shards takes."""
     p.add_argument("--checkpoint", required=True, help=checkpoint_help)
@@ -182,8 +218,6 @@ def _model_and_shards(p: argparse.ArgumentParser, checkpoint_help: str, data_hel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from igpt.datasets import names
-
     p = argparse.ArgumentParser(prog="igpt", description="Image GPT: generative pretraining from pixels.")
     p.add_argument("--version", action="version", version=f"igpt {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -193,14 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode images, centre-crop non-square ones, resize to N x N (box filter when shrinking), "
                     "fit or load a colour palette, and write token shards (uint16 .npy), labels, the palette "
                     "and meta.json into OUT, atomically.")
-    q.add_argument("--data", default="fashion-mnist-mini", help=DATA_HELP.format(names=", ".join(names())))
-    q.add_argument("--data-dir", help="folder holding named data sets as DIR/<name>/ (default $IGPT_DATA_DIR)")
+    _data_source_args(q)
     q.add_argument("--n-px", type=int, default=32, help="image side in pixels (default 32, as the paper)")
     q.add_argument("--palette", default="fit", help="'fit' (k-means on the training pixels) or a palette file: "
                    "palette.npy, OpenAI's kmeans_centers.npy or a Hugging Face preprocessor_config.json")
     q.add_argument("--palette-size", type=int, help="colours for --palette fit (default 512 RGB, 16 grey)")
     q.add_argument("--channels", type=int, choices=(1, 3), help="force grey (1) or RGB (3)")
     q.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out (default 0.1)")
+    q.add_argument("--test-fraction", type=float, default=0.0,
+                   help="share of train held out as a test split when the source has none (default 0)")
     q.add_argument("--seed", type=int, default=0, help="seed of the validation split and palette fit")
     q.add_argument("--skip-bad", action="store_true", help="skip unreadable image files, counting them")
     q.add_argument("--chunk-size", type=int, default=2048, help="images per chunk (bounds memory)")
@@ -215,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("hf_dir", help="directory as save_pretrained writes it")
     h.add_argument("--out", required=True, help="checkpoint directory to write")
     h.set_defaults(func=cmd_import_hf)
+
+    o = sub.add_parser("import-openai", help="convert an original OpenAI iGPT TensorFlow checkpoint",
+                       description="Read a TensorFlow V2 checkpoint of openai/image-gpt (PREFIX.index + "
+                                   "PREFIX.data-*; no TensorFlow needed) and write an igpt checkpoint directory. "
+                                   "The shape and mode are read off the tensors: with model/sos an AR model, "
+                                   "without it a BERT model. Optimizer slots and counters are listed, not read.")
+    o.add_argument("prefix", help="checkpoint prefix, e.g. model.ckpt-1000000 (or its .index file)")
+    o.add_argument("--palette", help="OpenAI's kmeans_centers.npy (or any palette file) stored with the model")
+    o.add_argument("--out", required=True, help="checkpoint directory to write")
+    o.add_argument("--bert", action="store_true", help="require a BERT checkpoint (one without model/sos)")
+    o.add_argument("--preset", help="check the inferred shape against a preset, e.g. igpt-s")
+    o.add_argument("--n-head", type=int, help="check the inferred number of attention heads")
+    o.add_argument("--no-verify", action="store_true", help="skip the CRC32C check of each tensor")
+    o.set_defaults(func=cmd_import_openai)
 
     e = sub.add_parser("export-hf", help="write an igpt checkpoint in the Hugging Face ImageGPT format",
                        description="Write config.json, model.safetensors and preprocessor_config.json (the "
@@ -328,6 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 1; the paper uses 5)")
     f.add_argument("--seed", type=int, default=0, help="batch order and masks (default 0)")
     f.set_defaults(func=cmd_finetune)
+
+    m = sub.add_parser(
+        "demo", help="the whole pipeline on one data set in minutes: prepare, train, eval, probe, sample, report",
+        description="Prepare token shards, pretrain a small AR model sized to a time budget, measure val/test "
+                    "NLL, run the per-layer linear probe beside the raw-pixel baseline, complete test images "
+                    "from their top half, draw samples, and write OUT/report.html and OUT/summary.json.")
+    _data_source_args(m)
+    m.add_argument("--out", default="runs/demo", help="output directory (an old demo there is replaced)")
+    m.add_argument("--minutes", type=float, default=9.0, help="wall-time budget of the whole run (default 9)")
+    m.add_argument("--steps", type=int, help="training steps (default: as many as the budget buys)")
+    m.add_argument("--n-px", type=int, default=16, help="image side in pixels (default 16)")
+    m.add_argument("--palette-size", type=int, help="colours (default 16 grey, 64 RGB)")
+    m.add_argument("--preset", default="cpu-small", help="model size (default cpu-small)")
+    m.add_argument("--seed", type=int, default=0, help="splits, palette, model and sampling seed (default 0)")
+    m.add_argument("--device", help="torch device (default: CUDA when present, else CPU)")
+    m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="training progress bar (default: when stderr is a terminal)")
+    m.set_defaults(func=cmd_demo)
 
     d = sub.add_parser("datasets", help="list the named data sets and where they come from")
     d.set_defaults(func=cmd_datasets)

@@ -198,6 +198,9 @@ def open_source(data: str, data_dir: str | Path | None = None, channels: int | N
     if data == BUNDLED:
         with resources.as_file(resources.files("igpt") / "assets" / "fashion-mnist") as d:
             src = _idx_source(BUNDLED, Path(d), FASHION_CLASSES, bundled=True)
+    elif data.startswith("openai-npy:"):  # igpt.prepare hands these to igpt.openai before calling us
+        raise IgptError(f"--data {data}: OpenAI's arrays are palette ids, not images; only `igpt prepare` reads "
+                        "them (into token shards)")
     elif data in NAMED:
         spec = NAMED[data]
         d = resolve(data, data_dir)

@@ -27,6 +27,7 @@ from igpt.palette import Palette, channel_name, fit_palette
 FORMAT = "igpt-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+OPENAI_NPY = "openai-npy:"  # --data openai-npy:DIR: OpenAI's pre-quantized trX/vaX/teX arrays (igpt.openai)
 
 
 @dataclass
@@ -39,6 +40,7 @@ class PrepareConfig:
     data_dir: str | None = None  # folder holding named data sets as DIR/<name>/ (else $IGPT_DATA_DIR, ...)
     channels: int | None = None  # force 1 (grey) or 3 (RGB); None keeps the source's own
     val_fraction: float = 0.1  # of train held out for validation, as the paper does for CIFAR and STL-10
+    test_fraction: float = 0.0  # of train held out as a test split when the source has none (0: no test split)
     seed: int = 0  # the validation split and the palette fit
     skip_bad: bool = False  # skip undecodable image files (counted in meta.json) instead of stopping
     chunk_size: int = 2048  # images per chunk: bounds peak memory
@@ -50,6 +52,9 @@ class PrepareConfig:
             raise IgptError(f"n_px must be between 2 and 1024, got {self.n_px}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise IgptError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.test_fraction < 1.0 or self.val_fraction + self.test_fraction >= 1.0:
+            raise IgptError(f"test_fraction must be in [0, 1) and leave training rows beside val_fraction, got "
+                            f"test {self.test_fraction} + val {self.val_fraction}")
         if self.palette != "fit" and self.palette_size is not None:
             raise IgptError("--palette-size only applies to --palette fit; a palette file has its own size")
         if self.palette_size is not None and self.palette_size < 2:
@@ -148,6 +153,10 @@ class TokenWriter:
 def prepare(cfg: PrepareConfig) -> dict:
     """Build token shards as described in the module docstring; returns the meta.json content."""
     check_replaceable(Path(cfg.out), ("meta.json",))  # before any work: never replace a folder we did not write
+    if cfg.data.startswith(OPENAI_NPY):  # OpenAI's arrays are palette ids already: no decoding or quantizing
+        from igpt.openai import prepare_openai_npy
+
+        return prepare_openai_npy(cfg)
     src = open_source(cfg.data, cfg.data_dir, cfg.channels, cfg.skip_bad)
     pal_file = None
     if cfg.palette != "fit":  # check the palette before decoding anything
@@ -159,14 +168,20 @@ def prepare(cfg: PrepareConfig) -> dict:
         # output split -> (decoded split it comes from, mask over that split's rows)
         routes: dict[str, tuple[str, np.ndarray]] = {}
         n_train = decoded["train"][0].rows
+        held_test = np.zeros(n_train, dtype=bool)
+        if "test" not in decoded and cfg.test_fraction:  # carve a test split out of train first
+            held_test = val_mask(n_train, cfg.test_fraction, cfg.seed + 1)
+            routes["test"] = ("train", held_test)
         if "val" in decoded:
-            routes["train"] = ("train", np.ones(n_train, dtype=bool))
+            routes["train"] = ("train", ~held_test)
             routes["val"] = ("val", np.ones(decoded["val"][0].rows, dtype=bool))
         else:
-            is_val = val_mask(n_train, cfg.val_fraction, cfg.seed)
-            routes["train"], routes["val"] = ("train", ~is_val), ("train", is_val)
+            is_val = np.zeros(n_train, dtype=bool)
+            is_val[np.flatnonzero(~held_test)] = val_mask(int((~held_test).sum()), cfg.val_fraction, cfg.seed)
+            routes["train"], routes["val"] = ("train", ~is_val & ~held_test), ("train", is_val)
         if "test" in decoded:
             routes["test"] = ("test", np.ones(decoded["test"][0].rows, dtype=bool))
+        routes = {k: routes[k] for k in SPLITS if k in routes}
         fit_info = None
         if pal_file is None:
             k = cfg.palette_size or (512 if src.channels == 3 else 16)
@@ -195,15 +210,24 @@ def prepare(cfg: PrepareConfig) -> dict:
                     if labels is not None:
                         np.save(tmp / f"{o}_labels.npy", labels[routes[o][1]], allow_pickle=False)
                 pixels.path.unlink()
-        meta = {
-            "format": FORMAT, "version": FORMAT_VERSION, "created_by": f"igpt {__version__}",
-            "n_px": cfg.n_px, "channels": src.channels, "palette_size": palette.k, "palette_sha256": palette.hash,
-            "source": src.name, "counts": counts, "labels": all(decoded[d][1] is not None for d, _ in routes.values()),
-            "class_names": src.class_names, "split_seed": cfg.seed, "val_fraction": cfg.val_fraction,
-            "skipped": sorted(f for s in src.splits.values() for f in s.skipped),
-            "palette_fit": fit_info, "config": asdict(cfg),
-        }
-        atomic_write_bytes(tmp / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())  # written last
+        meta = write_meta(tmp, cfg, palette, src.name, src.channels, counts,
+                          all(decoded[d][1] is not None for d, _ in routes.values()), src.class_names,
+                          sorted(f for s in src.splits.values() for f in s.skipped), fit_info)
+    return meta
+
+
+def write_meta(folder: Path, cfg: PrepareConfig, palette: Palette, source: str, channels: int,
+               counts: dict[str, int], labels: bool, class_names: list[str] | None = None,
+               skipped: list[str] | None = None, fit_info: dict | None = None) -> dict:
+    """Write meta.json into ``folder`` (last, once the token files are complete) and return it."""
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION, "created_by": f"igpt {__version__}",
+        "n_px": cfg.n_px, "channels": channels, "palette_size": palette.k, "palette_sha256": palette.hash,
+        "source": source, "counts": counts, "labels": labels,
+        "class_names": class_names, "split_seed": cfg.seed, "val_fraction": cfg.val_fraction,
+        "skipped": skipped or [], "palette_fit": fit_info, "config": asdict(cfg),
+    }
+    atomic_write_bytes(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     return meta
 
 

@@ -63,23 +63,7 @@ class RunLog:
 
     def plot(self) -> None:
         """loss.png: training loss per logged step and validation loss, in nats per token (atomic write)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        tr = [(r["step"], r["loss"]) for r in self.rows if "loss" in r]
-        va = [(r["step"], r["val_loss"]) for r in self.rows if "val_loss" in r]
-        if tr:
-            ax.plot(*zip(*tr), label="train")
-        if va:
-            ax.plot(*zip(*va), "o-", label="val")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats / token)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        atomic_write_bytes(self.out / PLOT, figure_png(fig))
+        atomic_write_bytes(self.out / PLOT, loss_png(self.rows))
 
     def close(self) -> None:
         self.file.close()
@@ -93,3 +77,25 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def loss_png(rows: list[dict], in_bits: bool = False) -> bytes:
+    """Training loss per logged step and validation loss from metrics rows, in nats (or bits) per token."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = 1 / math.log(2) if in_bits else 1.0
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tr = [(r["step"], r["loss"] * f) for r in rows if "loss" in r]
+    va = [(r["step"], r["val_loss"] * f) for r in rows if "val_loss" in r]
+    if tr:
+        ax.plot(*zip(*tr), label="train")
+    if va:
+        ax.plot(*zip(*va), "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"loss ({'bits' if in_bits else 'nats'} / token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return figure_png(fig)

@@ -1,0 +1,312 @@
+"""`igpt demo`: the whole iGPT pipeline on one data set within a wall-time budget, ending in a visual report.
+
+Stages (each one the library's own entry point, so the demo is what a user would run by hand):
+1. ``prepare``: palette fit and train / val / test token shards (a test split is held out of train when the
+   source has none, e.g. an image folder);
+2. ``train``: AR pretraining with the paper's recipe scaled down (Adam betas 0.9/0.95, warm-up then cosine
+   decay to zero, no weight decay or dropout). The number of steps is set from a measured step time so that
+   the schedule ends inside the budget: training gets what the other stages are estimated to leave;
+3. NLL of the val and test splits (``igpt.evaluate.nll``, bits per token);
+4. ``probe``: per-layer linear probes chosen on val, with the raw-pixel baseline on the same split;
+5. ``sample``: test images completed from their top half, and unconditional samples;
+6. ``OUT/report.html`` (self-contained: images embedded) and ``OUT/summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from igpt.datasets import BUNDLED
+from igpt.errors import IgptError
+from igpt.io import atomic_write_bytes, check_replaceable
+
+MARKER, SUMMARY, REPORT = "demo.json", "summary.json", "report.html"
+STAGES = 6
+# L-BFGS iterations per probe fit: accuracies settle long before the 1000 of `igpt probe`'s default, and the
+# weakly regularised fits (large C) would otherwise take most of the demo's time.
+PROBE_MAX_ITER = 300
+TRAIN_OVERHEAD = 1.2  # wall time of a training-loop step over the bare step measured by step_seconds
+
+
+@dataclass
+class DemoConfig:
+    out: str = "runs/demo"  # everything goes here (an old demo there is replaced)
+    data: str = BUNDLED  # any source `igpt prepare` reads: a named set, image folder, CIFAR batch, IDX, npz
+    data_dir: str | None = None  # where named data sets live (as for prepare)
+    minutes: float = 9.0  # wall-time budget of the whole run; training gets what the other stages leave
+    n_px: int = 16  # images are resized to n_px x n_px
+    palette_size: int | None = None  # None: 16 for grey data, 64 for colour (small, so minutes of CPU suffice)
+    preset: str = "cpu-small"  # model size (igpt.presets)
+    batch_size: int = 32
+    lr: float = 3e-3
+    steps: int | None = None  # training steps; None: as many as the budget buys (at most max_steps)
+    max_steps: int = 5000  # upper bound on the steps the budget may buy
+    completions: int = 8  # test images completed from their top half
+    per_image: int = 4  # completions per test image
+    samples: int = 16  # unconditional samples
+    seed: int = 0
+    device: str | None = None  # None: CUDA when present, else CPU
+    progress: bool | None = None  # progress bars; None: when stderr is a terminal
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise IgptError(f"demo: --minutes must be > 0, got {self.minutes}")
+        for name in ("batch_size", "max_steps", "completions", "per_image", "samples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise IgptError(f"demo: {name} must be a positive integer, got {v!r}")
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise IgptError(f"demo: steps must be a positive integer, got {self.steps!r}")
+
+
+def _say(stage: int, text: str) -> None:
+    print(f"[{stage}/{STAGES}] {text}", flush=True)
+
+
+def step_seconds(mcfg, batch_size: int, lr: float, device: torch.device, repeats: int = 5) -> tuple[float, float]:
+    """Measured seconds of one training step (forward + backward + AdamW, in the train loop's dtype) and of
+    one inference forward pass over ``batch_size`` images, on a throw-away model of the run's shape: the
+    fastest of ``repeats`` after a warm-up (on a shared machine one slow repeat would otherwise cost the
+    run a third of its steps; TRAIN_OVERHEAD covers the loop's extra cost)."""
+    from igpt.model import ImageGPT
+    from igpt.train import micro_loss, pick_dtype
+
+    dtype = pick_dtype("auto", device)
+    model = ImageGPT(mcfg).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    x = torch.randint(0, mcfg.palette_size, (batch_size, mcfg.seq_len), device=device)
+
+    def one_step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            micro_loss(model, x, None, mcfg).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def one_forward():
+        with torch.no_grad():
+            model(x)
+
+    times = {}
+    for name, fn in (("step", one_step), ("forward", one_forward)):
+        fn()  # warm-up
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        times[name] = min(ts)
+    return times["step"], times["forward"]
+
+
+def plan_steps(budget_s: float, step_s: float, fwd_s: float, batch: int, n_eval_images: int, n_feature_images: int,
+               n_sample_tokens: int, max_steps: int) -> dict:
+    """Steps that fit the budget. The rest of the run is estimated from the measured forward time: feature
+    extraction and NLL are forward passes over the splits, sampling one forward step per token of the
+    longest sequence (a KV cache makes that about a forward pass of one position per token), plus a fixed
+    share for the probe's logistic-regression fits and the report."""
+    per_image_fwd = fwd_s / batch
+    features = n_feature_images * per_image_fwd
+    nll = n_eval_images * per_image_fwd
+    sampling = n_sample_tokens * fwd_s / batch / 4  # decoding one row: ~a quarter of a full row's cost per token
+    fixed = 0.15 * budget_s
+    left = budget_s - features - nll - sampling - fixed
+    # the loop costs more than the bare step: validation passes, checkpoints, logging (measured: ~14% on
+    # cpu-small at 16x16), so plan with a 20% margin
+    steps = int(min(max_steps, max(20, left / (TRAIN_OVERHEAD * step_s))))
+    return {"budget_s": budget_s, "step_s": step_s, "forward_s": fwd_s, "reserved_s": budget_s - left,
+            "steps": steps}
+
+
+def _train_config(cfg: DemoConfig, shards_dir: Path, run_dir: Path, steps: int):
+    from igpt.train_config import TrainConfig
+
+    return TrainConfig(
+        data=str(shards_dir), preset=cfg.preset, out=str(run_dir), steps=steps, batch_size=cfg.batch_size,
+        lr=cfg.lr, warmup=max(1, steps // 10), eval_every=max(1, steps // 5), eval_images=500,
+        save_every=steps, log_every=max(1, min(10, steps // 20)), keep=1, seed=cfg.seed, device=cfg.device,
+        progress=cfg.progress,
+    )
+
+
+def commands(cfg: DemoConfig, out: Path, prep, steps: int) -> list[str]:
+    """The `igpt` command lines that reproduce this run: the demo itself, then its stages one by one."""
+    q = shlex.quote
+    ckpt = str(out / "run" / "checkpoints" / f"step-{steps:06d}")  # what `igpt train` writes
+    demo = ["igpt", "demo", "--data", cfg.data, "--out", str(out), "--minutes", f"{cfg.minutes:g}", "--steps",
+            str(steps), "--n-px", str(cfg.n_px), "--palette-size", str(prep.palette_size), "--preset", cfg.preset,
+            "--seed", str(cfg.seed)]
+    if cfg.data_dir:
+        demo += ["--data-dir", cfg.data_dir]
+    stages = [
+        ["igpt", "prepare", "--data", cfg.data, "--n-px", str(prep.n_px), "--palette-size", str(prep.palette_size),
+         "--test-fraction", f"{prep.test_fraction:g}", "--seed", str(cfg.seed), "--out", str(out / "shards")]
+        + (["--data-dir", cfg.data_dir] if cfg.data_dir else []),
+        ["igpt", "train", "--data", str(out / "shards"), "--preset", cfg.preset, "--steps", str(steps),
+         "--batch-size", str(cfg.batch_size), "--lr", f"{cfg.lr:g}", "--warmup", str(max(1, steps // 10)),
+         "--seed", str(cfg.seed), "--out", str(out / "run")],
+        ["igpt", "eval", "--checkpoint", ckpt, "--data", str(out / "shards")],
+        ["igpt", "probe", "--checkpoint", ckpt, "--data", str(out / "shards"), "--max-iter",
+         str(PROBE_MAX_ITER), "--out", str(out / "probe")],
+        ["igpt", "sample", "--checkpoint", ckpt, "--complete-from", str(out / "shards"), "--n",
+         str(cfg.completions * cfg.per_image), "--per-image", str(cfg.per_image), "--seed", str(cfg.seed),
+         "--out", str(out / "completions.png")],
+    ]
+    return [" ".join(q(a) for a in c) for c in [demo, *stages]]
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run every stage; write OUT/summary.json and OUT/report.html; return the summary."""
+    from igpt.checkpoint import load_model
+    from igpt.distributed import get_dist_info, pick_device
+    from igpt.evaluate import nll
+    from igpt.prepare import PrepareConfig, load_shards, prepare
+    from igpt.presets import get_preset
+    from igpt.probe import ProbeConfig, run_probe
+    from igpt.report import write_report
+    from igpt.sample import sample_to_grid
+    from igpt.train import train
+    from igpt.train_log import read_metrics
+
+    t0 = time.perf_counter()
+    budget = cfg.minutes * 60
+    out = Path(cfg.out)
+    check_replaceable(out, (MARKER,))
+    if out.exists():
+        shutil.rmtree(out)  # an old demo (it holds our marker): start clean
+    out.mkdir(parents=True)
+    atomic_write_bytes(out / MARKER, (json.dumps({"config": asdict(cfg)}, indent=2) + "\n").encode())
+    device = pick_device(cfg.device, get_dist_info())
+    timings: dict[str, float] = {}
+
+    # 1. token shards
+    t = time.perf_counter()
+    _say(1, f"prepare: {cfg.data} -> {cfg.n_px}x{cfg.n_px} token shards")
+    from igpt.datasets import open_source
+
+    src = open_source(cfg.data, cfg.data_dir)
+    k = cfg.palette_size or (16 if src.channels == 1 else 64)
+    prep = PrepareConfig(out=str(out / "shards"), data=cfg.data, data_dir=cfg.data_dir, n_px=cfg.n_px,
+                         palette_size=k, seed=cfg.seed, test_fraction=0.0 if "test" in src.splits else 0.1)
+    meta = prepare(prep)
+    shards = load_shards(out / "shards")
+    counts = meta["counts"]
+    if not meta["labels"]:
+        raise IgptError(f"{cfg.data}: the demo's probe needs class labels (class folders, IDX labels, CIFAR)")
+    timings["prepare"] = time.perf_counter() - t
+    print(f"      {', '.join(f'{s} {n}' for s, n in counts.items())} images, {k} colours "
+          f"({timings['prepare']:.1f} s)", flush=True)
+
+    # 2. pretraining, sized to the budget
+    t = time.perf_counter()
+    mcfg = get_preset(cfg.preset, n_px=cfg.n_px, palette_size=k)
+    step_s, fwd_s = step_seconds(mcfg, cfg.batch_size, cfg.lr, device)
+    n_img = sum(counts.values())
+    plan = plan_steps(budget - (time.perf_counter() - t0), step_s, fwd_s, cfg.batch_size,
+                      counts["val"] + counts["test"], n_img,
+                      cfg.completions * cfg.per_image * mcfg.seq_len // 2 + cfg.samples * mcfg.seq_len,
+                      cfg.max_steps)
+    steps = plan["steps"] = cfg.steps or plan["steps"]
+    _say(2, f"train: {cfg.preset} ({mcfg.n_layer} layers, {mcfg.n_embd} wide), {steps} steps of "
+            f"{cfg.batch_size} images (measured {step_s * 1000:.0f} ms/step; "
+            f"{plan['reserved_s']:.0f} s kept for the later stages)")
+    tcfg = _train_config(cfg, out / "shards", out / "run", steps)
+    res = train(tcfg)
+    ckpt = Path(res["checkpoint"])
+    model_dir = out / "model"  # the model files alone (the optimizer state stays in run/checkpoints)
+    model, palette = load_model(ckpt, device)
+    from igpt.checkpoint import save_model
+
+    save_model(model_dir, model, palette)
+    timings["train"] = time.perf_counter() - t
+    rows = read_metrics(out / "run" / "metrics.jsonl")
+    tps = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+
+    # 3. likelihood
+    t = time.perf_counter()
+    model.eval()
+    val_nats = nll(model, shards.tokens("val"), device=device)
+    test_nats = nll(model, shards.tokens("test"), device=device)
+    timings["eval"] = time.perf_counter() - t
+    _say(3, f"eval: val {val_nats / math.log(2):.3f}, test {test_nats / math.log(2):.3f} bits per token")
+
+    # 4. linear probes
+    t = time.perf_counter()
+    _say(4, f"probe: logistic regression on the pooled features of layers 0..{mcfg.n_layer}, and on raw pixels")
+    pres = run_probe(ProbeConfig(checkpoint=str(model_dir), data=str(out / "shards"), out=str(out / "probe"),
+                                 max_iter=PROBE_MAX_ITER, device=cfg.device))
+    timings["probe"] = time.perf_counter() - t
+    print(f"      best layer {pres['best_layer']} (chosen on val): test accuracy {100 * pres['test_accuracy']:.1f}% "
+          f"vs raw pixels {100 * pres['baseline_test_accuracy']:.1f}%", flush=True)
+
+    # 5. completions and samples
+    t = time.perf_counter()
+    _say(5, f"sample: {cfg.completions} test images completed from their top half, {cfg.samples} samples")
+    n_comp = cfg.completions * cfg.per_image
+    rows_known = cfg.n_px // 2
+    comp = sample_to_grid(model_dir, n_comp, out / "completions.png", complete_from=out / "shards",
+                          rows=rows_known, seed=cfg.seed, top_k=None, per_image=cfg.per_image,
+                          device=str(device))
+    originals = np.asarray(shards.tokens("test")[: cfg.completions]).repeat(cfg.per_image, 0)[:n_comp]
+    known = rows_known * cfg.n_px
+    top_kept = bool((comp[:, :known] == originals[:, :known]).all())
+    if not top_kept:
+        raise IgptError("completions changed the given top half: a bug in igpt.sample")
+    sample_to_grid(model_dir, cfg.samples, out / "samples.png", seed=cfg.seed + 1, device=str(device))
+    timings["sample"] = time.perf_counter() - t
+
+    # 6. summary and report
+    wall = time.perf_counter() - t0
+    summary = {
+        "probe_test_accuracy": pres["test_accuracy"],
+        "baseline_test_accuracy": pres["baseline_test_accuracy"],
+        "best_layer": pres["best_layer"],
+        "probe_val_accuracy": pres["val_accuracy"],
+        "baseline_val_accuracy": pres["baseline_val_accuracy"],
+        "per_layer": pres["per_layer"],
+        "wall_seconds": wall,
+        "budget_seconds": budget,
+        "stage_seconds": timings,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "val_bits_per_token": val_nats / math.log(2),
+        "test_bits_per_token": test_nats / math.log(2),
+        "val_nats_per_token": val_nats,
+        "test_nats_per_token": test_nats,
+        "accuracy_unit": "fraction in [0, 1]",
+        "data": cfg.data, "source": meta["source"], "counts": counts, "n_px": cfg.n_px, "channels": meta["channels"],
+        "palette_size": k, "class_names": meta.get("class_names"),
+        "model": {"preset": cfg.preset, "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd, "n_head": mcfg.n_head,
+                  "params": model.num_params()},
+        "steps": steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+        "tokens_seen": steps * cfg.batch_size * mcfg.seq_len,
+        "tokens_per_s": statistics.median(tps) if tps else None,
+        "plan": plan, "device": str(device), "torch": torch.__version__,
+        "completions_keep_top_half": top_kept, "completion_rows_given": rows_known,
+        "commands": commands(cfg, out, prep, steps),
+        "files": {"report": REPORT, "loss_curve_data": "run/metrics.jsonl", "probe": "probe/probe.json",
+                  "completions": "completions.png", "samples": "samples.png", "model": "model"},
+    }
+    _say(6, "report")
+    write_report(out, summary, rows, palette.colours())
+    summary["wall_seconds"] = time.perf_counter() - t0
+    atomic_write_bytes(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    print(f"done in {summary['wall_seconds']:.0f} s: best layer {summary['best_layer']} probe "
+          f"{100 * summary['probe_test_accuracy']:.1f}% vs raw pixels {100 * summary['baseline_test_accuracy']:.1f}%"
+          f", val {summary['val_bits_per_token']:.3f} bits/token", flush=True)
+    print(f"report: {(out / REPORT).resolve()}", flush=True)
+    sys.stdout.flush()
+    return summary

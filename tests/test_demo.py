@@ -1,0 +1,159 @@
+"""`igpt demo` end to end on a small labelled data set with a reduced budget, and the report in a real browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from igpt.cli import main
+from igpt.datasets import open_source
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def small_npz(tmp_path_factory) -> Path:
+    """600 train + 200 test images of the bundled Fashion-MNIST subset, as an .npz a user might bring."""
+    src = open_source("fashion-mnist-mini")
+    x, y = next(src.splits["train"].chunks(800))
+    path = tmp_path_factory.mktemp("npz") / "small.npz"
+    np.savez(path, x_train=x[:600, ..., 0], y_train=y[:600], x_test=x[600:800, ..., 0], y_test=y[600:800])
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(small_npz, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    argv = ["demo", "--data", str(small_npz), "--out", str(out), "--minutes", "0.5", "--n-px", "8",
+            "--palette-size", "8", "--preset", "tiny", "--seed", "3"]
+    assert main(argv) == 0
+    return out, argv
+
+
+def _png(path: Path) -> Image.Image:
+    im = Image.open(path)
+    im.load()
+    return im
+
+
+def test_demo_writes_every_artefact_with_real_numbers(demo_run, capsys):
+    out, _ = demo_run
+    s = json.loads((out / "summary.json").read_text())
+    for key in ("probe_test_accuracy", "baseline_test_accuracy", "probe_val_accuracy", "baseline_val_accuracy"):
+        assert 0.0 <= s[key] <= 1.0 and s[key] > 0.2, key  # 10 classes: chance is 0.1
+    assert s["best_layer"] in range(0, 3)  # the tiny preset has 2 layers: 0..2
+    assert len(s["per_layer"]) == 3
+    assert s["counts"] == {"train": 540, "val": 60, "test": 200}
+    # an untrained 8-colour model scores log2(8) = 3 bits; training must have gone below it
+    assert 0.0 < s["val_bits_per_token"] < 3.0 and 0.0 < s["test_bits_per_token"] < 3.0
+    assert math.isclose(s["val_bits_per_token"], s["val_nats_per_token"] / math.log(2))
+    assert s["wall_seconds"] > 0 and s["steps"] >= 20 and s["tokens_per_s"] > 0
+    assert s["completions_keep_top_half"] is True
+    probe = json.loads((out / "probe" / "probe.json").read_text())
+    assert probe["test_accuracy"] == s["probe_test_accuracy"] and probe["best_layer"] == s["best_layer"]
+    rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in r for r in rows) and rows[-1]["step"] == s["steps"]
+    comp = _png(out / "completions.png")
+    samples = _png(out / "samples.png")
+    cell = 8 * (128 // 8) + 2  # 8x8 images drawn 16x larger, 2 px apart
+    assert comp.size == (6 * cell + 2, 8 * cell + 2)  # 8 test images x [original | top half | 4 completions]
+    assert samples.size == (4 * cell + 2, 4 * cell + 2)  # 16 samples in a 4 x 4 grid
+    assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_report_holds_the_numbers_images_and_commands(demo_run):
+    out, _ = demo_run
+    s = json.loads((out / "summary.json").read_text())
+    page = (out / "report.html").read_text()
+    imgs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    assert [a for a, _ in imgs] == ["loss curve", "probe accuracy by layer", "completions", "samples"]
+    for _, data in imgs:
+        Image.open(io.BytesIO(base64.b64decode(data))).load()  # each embedded image decodes
+    assert f"{100 * s['probe_test_accuracy']:.1f}%" in page
+    assert f"{100 * s['baseline_test_accuracy']:.1f}%" in page
+    assert f"{s['val_bits_per_token']:.3f} bits per token" in page
+    assert page.count('class="sw"') == s["palette_size"]
+    for cmd in s["commands"]:
+        assert cmd.replace("'", "&#x27;") in page
+    assert s["commands"][0].startswith("igpt demo ") and f"--steps {s['steps']}" in s["commands"][0]
+
+
+def test_demo_replaces_its_own_output_but_not_a_foreign_folder(demo_run, tmp_path, capsys):
+    out, argv = demo_run
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    i = argv.index("--out")
+    assert main([*argv[:i + 1], str(foreign), *argv[i + 2:]]) == 2
+    assert "igpt did not write" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_demo_rejects_unlabelled_data(tmp_path, capsys):
+    x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["demo", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"), "--minutes", "0.2",
+                 "--preset", "tiny", "--n-px", "8"]) == 2
+    assert "class labels" in capsys.readouterr().err
+
+
+def _browser():
+    """A headless Debian chromium driven through chromedriver, or a skip that says what is missing."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e .[dev])")
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("no chromium/chromedriver on this machine (Debian: apt-get install chromium chromium-driver); "
+                    "the report's browser check did not run")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,2400"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
+
+
+def test_report_renders_in_a_headless_browser(demo_run, tmp_path):
+    out, _ = demo_run
+    browser = _browser()
+    try:
+        browser.get((out / "report.html").resolve().as_uri())
+        assert browser.execute_script("return document.readyState") == "complete"
+        assert browser.title == "igpt demo report"
+        imgs = browser.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.naturalHeight])")
+        assert [i[0] for i in imgs] == ["loss curve", "probe accuracy by layer", "completions", "samples"]
+        for alt, complete, w, h in imgs:
+            assert complete and w > 0 and h > 0, f"{alt} did not render"
+        errors = [e for e in browser.get_log("browser") if e["level"] in ("SEVERE", "ERROR")]
+        assert errors == []
+        swatches = browser.execute_script("return document.querySelectorAll('.sw').length")
+        assert swatches == json.loads((out / "summary.json").read_text())["palette_size"]
+        assert browser.save_screenshot(str(tmp_path / "report.png"))
+        assert _png(tmp_path / "report.png").width > 0
+    finally:
+        browser.quit()
+
+
+def test_plan_steps_fits_the_budget():
+    from igpt.demo import TRAIN_OVERHEAD, plan_steps
+
+    kw = dict(step_s=0.3, fwd_s=0.1, batch=32, n_eval_images=2800, n_feature_images=10000, n_sample_tokens=8192,
+              max_steps=5000)
+    small, big = plan_steps(300, **kw), plan_steps(600, **kw)
+    assert 20 <= small["steps"] < big["steps"] < 5000
+    for p in (small, big):  # training (with the loop's overhead) plus what is kept for later fits the budget
+        assert p["steps"] * 0.3 * TRAIN_OVERHEAD + p["reserved_s"] <= p["budget_s"] + 1e-6
+    assert plan_steps(10, **kw)["steps"] == 20  # a budget too small still trains a little
+    assert plan_steps(10**6, **kw)["steps"] == 5000  # capped
