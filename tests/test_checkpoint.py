@@ -105,3 +105,18 @@ def test_a_hugging_face_directory_gets_a_hint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "imagegpt", "n_embd": 24}))
     with pytest.raises(IgptError, match="import-hf"):
         load_model(tmp_path)
+
+
+def test_files_get_the_umask_permissions(tmp_path):
+    """safetensors creates its files 0600; a checkpoint's files follow the umask like every other output."""
+    import os
+    import stat
+    from pathlib import Path
+
+    old = os.umask(0o022)
+    try:
+        out = save_model(tmp_path / "ck", tiny_model(), heads={"score.weight": torch.zeros(3, 24)})
+    finally:
+        os.umask(old)
+    for f in ("model.safetensors", "heads.safetensors", "config.json"):
+        assert stat.S_IMODE((Path(out) / f).stat().st_mode) == 0o644, f

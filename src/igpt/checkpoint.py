@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from igpt.errors import IgptError
-from igpt.io import atomic_dir, check_replaceable, read_json
+from igpt.io import atomic_dir, check_replaceable, chmod_default, read_json
 from igpt.model import ImageGPT, ImageGPTConfig
 
 MODEL_FILE = "model.safetensors"
@@ -55,11 +55,13 @@ def write_model_files(folder: Path, state: dict[str, torch.Tensor], cfg: ImageGP
     visible atomically (training checkpoints add their own files beside these)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    chmod_default(folder / MODEL_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if palette is not None:
         palette.save(folder / PALETTE_FILE)
     if heads:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in heads.items()}, str(folder / HEADS_FILE))
+        chmod_default(folder / HEADS_FILE)
 
 
 def read_config(path: str | Path) -> ImageGPTConfig:

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from igpt.checkpoint import build_model, load_heads, load_model, read_pt, read_tensors, save_model
 from igpt.errors import IgptError
-from igpt.io import atomic_dir, check_replaceable, read_json
+from igpt.io import atomic_dir, check_replaceable, chmod_default, read_json
 from igpt.model import ImageGPT, ImageGPTConfig
 
 CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
@@ -193,6 +193,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
         hc["label2id"] = {f"LABEL_{i}": i for i in range(score.shape[0])}
     with atomic_dir(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        chmod_default(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hc, indent=2) + "\n")
         if palette is not None:
             centers = np.asarray(palette.centers, dtype=np.float64)

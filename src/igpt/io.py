@@ -22,6 +22,11 @@ def _umask() -> int:
     return mask
 
 
+def chmod_default(path: str | Path) -> None:
+    """Give a file written by a library that creates it 0600 (safetensors does) the usual umask permissions."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
