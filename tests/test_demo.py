@@ -87,7 +87,7 @@ def test_report_holds_the_numbers_images_and_commands(demo_run):
     assert s["commands"][0].startswith("igpt demo ") and f"--steps {s['steps']}" in s["commands"][0]
 
 
-def test_demo_replaces_its_own_output_but_not_a_foreign_folder(demo_run, tmp_path, capsys):
+def test_demo_refuses_a_foreign_output_folder(demo_run, tmp_path, capsys):
     out, argv = demo_run
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -98,12 +98,17 @@ def test_demo_replaces_its_own_output_but_not_a_foreign_folder(demo_run, tmp_pat
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_demo_rejects_unlabelled_data(tmp_path, capsys):
+def test_demo_replaces_an_old_demo_and_rejects_unlabelled_data(tmp_path, capsys):
+    old = tmp_path / "o"  # an earlier demo's folder (it holds the demo's marker): replaced, stale files gone
+    old.mkdir()
+    (old / "demo.json").write_text("{}")
+    (old / "stale.txt").write_text("from an earlier run")
     x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
     np.save(tmp_path / "x.npy", x)
-    assert main(["demo", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "o"), "--minutes", "0.2",
+    assert main(["demo", "--data", str(tmp_path / "x.npy"), "--out", str(old), "--minutes", "0.2",
                  "--preset", "tiny", "--n-px", "8"]) == 2
     assert "class labels" in capsys.readouterr().err
+    assert not (old / "stale.txt").exists() and (old / "demo.json").is_file()
 
 
 def _browser():

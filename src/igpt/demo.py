@@ -20,7 +20,6 @@ import resource
 import shlex
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,7 +170,8 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int) -> list[str]:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; write OUT/summary.json and OUT/report.html; return the summary."""
-    from igpt.checkpoint import load_model
+    from igpt.checkpoint import load_model, save_model
+    from igpt.datasets import open_source
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import nll
     from igpt.prepare import PrepareConfig, load_shards, prepare
@@ -196,8 +196,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     # 1. token shards
     t = time.perf_counter()
     _say(1, f"prepare: {cfg.data} -> {cfg.n_px}x{cfg.n_px} token shards")
-    from igpt.datasets import open_source
-
     src = open_source(cfg.data, cfg.data_dir)
     k = cfg.palette_size or (16 if src.channels == 1 else 64)
     prep = PrepareConfig(out=str(out / "shards"), data=cfg.data, data_dir=cfg.data_dir, n_px=cfg.n_px,
@@ -229,8 +227,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     ckpt = Path(res["checkpoint"])
     model_dir = out / "model"  # the model files alone (the optimizer state stays in run/checkpoints)
     model, palette = load_model(ckpt, device)
-    from igpt.checkpoint import save_model
-
     save_model(model_dir, model, palette)
     timings["train"] = time.perf_counter() - t
     rows = read_metrics(out / "run" / "metrics.jsonl")
@@ -308,5 +304,4 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"{100 * summary['probe_test_accuracy']:.1f}% vs raw pixels {100 * summary['baseline_test_accuracy']:.1f}%"
           f", val {summary['val_bits_per_token']:.3f} bits/token", flush=True)
     print(f"report: {(out / REPORT).resolve()}", flush=True)
-    sys.stdout.flush()
     return summary

@@ -31,7 +31,7 @@ def swatches(colours: np.ndarray) -> str:
                    for i, (r, g, b) in enumerate(c.tolist()))
 
 
-def render(s: dict, rows: list[dict], colours: np.ndarray, images: dict[str, bytes]) -> str:
+def render(s: dict, colours: np.ndarray, images: dict[str, bytes]) -> str:
     e = html.escape
     beat = s["probe_test_accuracy"] > s["baseline_test_accuracy"]
     m = s["model"]
@@ -110,5 +110,5 @@ def write_report(out: Path, summary: dict, rows: list[dict], colours: np.ndarray
     images = {"loss": loss_png(rows, in_bits=True), "probe": (out / "probe" / "probe.png").read_bytes(),
               "completions": (out / "completions.png").read_bytes(), "samples": (out / "samples.png").read_bytes()}
     path = out / "report.html"
-    atomic_write_bytes(path, render(summary, rows, colours, images).encode())
+    atomic_write_bytes(path, render(summary, colours, images).encode())
     return path
