@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -49,3 +51,34 @@ def test_every_case_is_documented_and_rendered():
     assert set(README_table.ROWS) | {"matmul_peak"} == set(run.CASES)
     for case in run.CASES:
         assert case in run.__doc__
+
+
+@pytest.mark.slow
+def test_quality_script_records_recipe_baselines_and_targets(tmp_path):
+    """bench/quality.py on 600 + 200 bundled images at 8x8 (a 3-step tiny model): stdout is one JSON object
+    holding the recipe, the per-layer curve, both raw-pixel baselines, the low-data rows and each target."""
+    import numpy as np
+
+    from igpt.datasets import open_source
+
+    x, y = next(open_source("fashion-mnist-mini").splits["train"].chunks(800))
+    npz = tmp_path / "small.npz"
+    np.savez(npz, x_train=x[:600, ..., 0], y_train=y[:600], x_test=x[600:800, ..., 0], y_test=y[600:800])
+    r = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--data", str(npz), "--out", str(tmp_path / "q"),
+                        "--steps", "3", "--preset", "tiny", "--n-px", "8", "--palette-size", "8",
+                        "--labels-per-class", "4", "--seeds", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res == json.loads((tmp_path / "q" / "quality.json").read_text())
+    assert res["recipe"]["steps"] == 3 and res["recipe"]["counts"] == {"train": 540, "val": 60, "test": 200}
+    assert [row["layer"] for row in res["per_layer"]] == [0, 1, 2] and res["best_layer"] in (0, 1, 2)
+    assert res["native_px"] == 28 and 0.2 < res["baseline_native_test_accuracy"] <= 1.0  # 10 classes
+    assert "before quantization" in res["baseline_input"] and 0.2 < res["baseline_test_accuracy"] <= 1.0
+    low = res["low_data"][0]
+    assert low["labels_per_class"] == 4 and len(low["accuracies"]) == len(low["baseline_native_accuracies"]) == 2
+    for t in res["targets"]:
+        assert t["met"] == (t["measured"] is not None and t["measured"] >= t["target"])
+    assert res["targets"][1]["measured"] is None  # no 10-per-class row was asked for
+    bad = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--data", str(tmp_path / "missing.npz"),
+                          "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")

@@ -58,6 +58,8 @@ def test_demo_writes_every_artefact_with_real_numbers(demo_run, capsys):
     assert math.isclose(s["val_bits_per_token"], s["val_nats_per_token"] / math.log(2))
     assert s["wall_seconds"] > 0 and s["steps"] >= 20 and s["tokens_per_s"] > 0
     assert s["completions_keep_top_half"] is True
+    assert s["native_px"] == 28 and 0.2 < s["baseline_native_test_accuracy"] <= 1.0  # the source's 28x28 pixels
+    assert "before quantization" in s["baseline_input"]
     probe = json.loads((out / "probe" / "probe.json").read_text())
     assert probe["test_accuracy"] == s["probe_test_accuracy"] and probe["best_layer"] == s["best_layer"]
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]

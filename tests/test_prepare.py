@@ -29,14 +29,16 @@ def in_memory(data, n_px, palette, val_fraction=0.1, seed=0):
     src = open_source(str(data))
     out = {}
     for name, split in src.splits.items():
-        imgs, labs = [], []
+        imgs, labs, native = [], [], []
         for x, y in split.chunks(10**9):
             imgs += [to_square(im, n_px) for im in x]
+            native += [to_square(im, min(im.shape[:2])) for im in x]
             labs += [] if y is None else list(y)
-        out[name] = (palette.quantize(np.stack(imgs)).reshape(len(imgs), -1), np.array(labs))
-    ids, labs = out.pop("train")
-    m = val_mask(len(ids), val_fraction, seed)
-    out["train"], out["val"] = (ids[~m], labs[~m]), (ids[m], labs[m])
+        out[name] = (palette.quantize(np.stack(imgs)).reshape(len(imgs), -1), np.array(labs), np.stack(imgs),
+                     np.stack(native))
+    tr = out.pop("train")
+    m = val_mask(len(tr[0]), val_fraction, seed)
+    out["train"], out["val"] = tuple(a[~m] for a in tr), tuple(a[m] for a in tr)
     return out
 
 
@@ -60,6 +62,31 @@ def test_shards_equal_in_memory_pipeline(tmp_path, rng):
         assert isinstance(t, np.memmap) and t.dtype == np.uint16 and t.shape[1] == 64
         assert np.array_equal(np.asarray(t), ref[split][0])
         assert np.array_equal(sh.labels(split), ref[split][1])
+        px = sh.pixels(split)  # the images before quantization: the tokens are exactly their quantization
+        assert px.dtype == np.uint8 and px.shape == (len(t), 8, 8, 3) and np.array_equal(px, ref[split][2])
+        assert np.array_equal(sh.palette.quantize(np.asarray(px)).reshape(len(t), -1), np.asarray(t))
+        nat = sh.pixels(split, native=True)  # 20x14 images: the centre 14x14, not resampled
+        assert meta["native_px"] == 14 and nat.shape == (len(t), 14, 14, 3) and np.array_equal(nat, ref[split][3])
+
+
+def test_no_pixels_and_damaged_pixel_files(tmp_path, rng):
+    data = make_folder(tmp_path / "imgs", rng, per=3)
+    prepare(PrepareConfig(out=str(tmp_path / "np"), data=str(data), n_px=6, palette_size=5, pixels=False))
+    sh = load_shards(tmp_path / "np")
+    assert not list((tmp_path / "np").glob("*_pixels.npy")) and sh.pixels("train") is None
+    assert not list((tmp_path / "np").glob("*_native.npy")) and sh.pixels("train", native=True) is None
+    Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(data / "b" / "big.png")
+    for name, n_px in (("mixed", 6), ("small", 14)):  # mixed native sizes; native no larger than n_px
+        meta = prepare(PrepareConfig(out=str(tmp_path / name), data=str(data), n_px=n_px, palette_size=5))
+        assert meta["native_px"] is None and not list((tmp_path / name).glob("*_native.npy"))
+        assert not list((tmp_path / name).glob(".native-*")) and load_shards(tmp_path / name).pixels("val") is not None
+    prepare(PrepareConfig(out=str(tmp_path / "o"), data=str(data), n_px=6, palette_size=5))
+    np.save(tmp_path / "o" / "val_pixels.npy", np.zeros((1, 5, 6, 3), np.uint8))
+    with pytest.raises(IgptError, match="val_pixels.npy: uint8 \\(1, 5, 6, 3\\), meta.json says uint8 \\(1, 6, 6, 3\\)"):
+        load_shards(tmp_path / "o").pixels("val")
+    (tmp_path / "o" / "val_pixels.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(IgptError, match="val_pixels.npy: unreadable"):
+        load_shards(tmp_path / "o").pixels("val")
 
 
 def test_test_fraction_carves_a_disjoint_test_split(tmp_path, rng):

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from igpt.errors import IgptError
-from igpt.features import concat_layers, draw_per_class, extract_features, pixel_features
+from igpt.features import concat_layers, draw_per_class, extract_features, pixel_features, raw_pixel_features
 from igpt.model import ar_inputs
 from igpt.palette import Palette
+from igpt.prepare import load_shards
 from igpt.probe import ProbeConfig, low_data, probe_protocol, run_probe
 
 
-def write_shards(root: Path, n_px=4, k=6, counts=(120, 40, 60), n_classes=3, seed=0) -> Path:
+def write_shards(root: Path, n_px=4, k=6, counts=(120, 40, 60), n_classes=3, seed=0, pixels=False) -> Path:
     """Small labelled grey shards in the `igpt prepare` layout; images of class c are brighter with c."""
     from igpt.io import atomic_write_bytes
     from igpt.prepare import FORMAT, FORMAT_VERSION
@@ -31,6 +32,9 @@ def write_shards(root: Path, n_px=4, k=6, counts=(120, 40, 60), n_classes=3, see
         ids = np.clip(rng.integers(0, k - n_classes + 1, size=(n, n_px * n_px)) + y[:, None], 0, k - 1)
         np.save(root / f"{split}_tokens.npy", ids.astype(np.uint16))
         np.save(root / f"{split}_labels.npy", y.astype(np.int64))
+        if pixels:  # images before quantization: a class-dependent offset far above their noise
+            px = rng.integers(100, 110, size=(n, n_px, n_px, 1)) + 20 * y[:, None, None, None]
+            np.save(root / f"{split}_pixels.npy", px.astype(np.uint8))
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "n_px": n_px, "channels": 1, "palette_size": k,
             "palette_sha256": pal.hash, "source": "test", "labels": True,
             "counts": dict(zip(("train", "val", "test"), counts))}
@@ -153,6 +157,30 @@ def test_run_probe_end_to_end(tmp_path):
     assert (tmp_path / "out" / "probe.png").read_bytes()[:4] == b"\x89PNG"
     b = res["best_layer"]
     assert saved["concat"]["layers"] == [i for i in (b - 1, b, b + 1) if 0 <= i <= 2]
+
+
+def test_baseline_reads_the_pixels_before_quantization(tmp_path):
+    from igpt_testutil import tiny_model
+
+    from igpt.checkpoint import save_model
+
+    pal = None
+    for name, pixels in (("tokens", False), ("pixels", True)):
+        sh = write_shards(tmp_path / name, n_classes=2, pixels=pixels)
+        pal = pal or Palette.load(sh / "palette.npy")
+        ck = save_model(tmp_path / f"ck-{name}", tiny_model(n_px=4, palette_size=6), pal)
+        res = run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / f"out-{name}"), layers="0", Cs=(1.0,)))
+        shards = load_shards(sh)
+        x = {s: raw_pixel_features(shards.pixels(s)) if pixels else pixel_features(shards.tokens(s), pal)
+             for s in ("train", "val", "test")}
+        y = {s: shards.labels(s) for s in x}
+        want = probe_protocol({0: x["train"]}, y["train"], {0: x["val"]}, y["val"], {0: x["test"]}, y["test"],
+                              (1.0,), 2)
+        assert res["baseline_test_accuracy"] == want["test_accuracy"]
+        if pixels:
+            assert "before quantization" in res["baseline_input"] and res["baseline_test_accuracy"] > 0.95
+        else:
+            assert "palette colours" in res["baseline_input"]
 
 
 def test_feature_cache_is_reused_extended_and_invalidated(tmp_path, monkeypatch):

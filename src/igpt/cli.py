@@ -23,7 +23,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         out=args.out, data=args.data, n_px=args.n_px, palette=args.palette, palette_size=args.palette_size,
         data_dir=args.data_dir, channels=args.channels, val_fraction=args.val_fraction,
         test_fraction=args.test_fraction, seed=args.seed,
-        skip_bad=args.skip_bad, chunk_size=args.chunk_size, fit_pixels=args.fit_pixels,
+        skip_bad=args.skip_bad, chunk_size=args.chunk_size, fit_pixels=args.fit_pixels, pixels=not args.no_pixels,
     )
     meta = prepare(cfg)
     print(describe(meta))
@@ -164,6 +164,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
     res = run_probe(cfg)
     print(f"best layer {res['best_layer']} (C {res['C']:g}, on val): val {100 * res['val_accuracy']:.2f}%, "
           f"test {100 * res['test_accuracy']:.2f}%; raw pixels test {100 * res['baseline_test_accuracy']:.2f}%")
+    if "native_px" in res:
+        print(f"raw pixels at the source's {res['native_px']}x{res['native_px']}: test "
+              f"{100 * res['baseline_native_test_accuracy']:.2f}%")
     if "concat" in res:
         c = res["concat"]
         print(f"layers {c['layers']} concatenated: test {100 * c['test_accuracy']:.2f}%")
@@ -171,7 +174,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     for r in res.get("low_data", []):
         print(f"{r['labels_per_class']} labels/class: {100 * r['mean']:.2f} +- {100 * r['std']:.2f}% "
-              f"(raw pixels {100 * r['baseline_mean']:.2f} +- {100 * r['baseline_std']:.2f}%)")
+              f"(raw pixels {100 * r['baseline_mean']:.2f} +- {100 * r['baseline_std']:.2f}%"
+              + (f"; at {res['native_px']}x{res['native_px']} {100 * r['baseline_native_mean']:.2f} +- "
+                 f"{100 * r['baseline_native_std']:.2f}%" if "native_px" in res else "") + ")")
     print(f"wrote {args.out}/probe.json and {args.out}/probe.png")
     return 0
 
@@ -199,7 +204,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(DemoConfig(out=args.out, data=args.data, data_dir=args.data_dir, minutes=args.minutes,
                         steps=args.steps, n_px=args.n_px, palette_size=args.palette_size, preset=args.preset,
-                        seed=args.seed, device=args.device, progress=args.progress))
+                        batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed,
+                        device=args.device, progress=args.progress))
     return 0
 
 
@@ -238,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of train held out as a test split when the source has none (default 0)")
     q.add_argument("--seed", type=int, default=0, help="seed of the validation split and palette fit")
     q.add_argument("--skip-bad", action="store_true", help="skip unreadable image files, counting them")
+    q.add_argument("--no-pixels", action="store_true",
+                   help="do not keep {split}_pixels.npy (the images before quantization, for the probe's "
+                        "raw-pixel baseline; the baseline then uses the palette colours)")
     q.add_argument("--chunk-size", type=int, default=2048, help="images per chunk (bounds memory)")
     q.add_argument("--fit-pixels", type=int, default=1_000_000, help="pixels sampled for the palette fit")
     q.add_argument("--out", required=True, help="output directory (replaced atomically)")
@@ -387,9 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/demo", help="output directory (an old demo there is replaced)")
     m.add_argument("--minutes", type=float, default=9.0, help="wall-time budget of the whole run (default 9)")
     m.add_argument("--steps", type=int, help="training steps (default: as many as the budget buys)")
-    m.add_argument("--n-px", type=int, default=16, help="image side in pixels (default 16)")
+    m.add_argument("--n-px", type=int, default=12, help="image side in pixels (default 12)")
     m.add_argument("--palette-size", type=int, help="colours (default 16 grey, 64 RGB)")
     m.add_argument("--preset", default="cpu-small", help="model size (default cpu-small)")
+    m.add_argument("--batch-size", type=int, default=16, help="images per training step (default 16)")
+    m.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    m.add_argument("--augment", action="store_true", help="random crop + horizontal flip during pretraining")
     m.add_argument("--seed", type=int, default=0, help="splits, palette, model and sampling seed (default 0)")
     m.add_argument("--device", help="torch device (default: CUDA when present, else CPU)")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -40,6 +40,12 @@ def pixel_features(tokens: np.ndarray, palette) -> np.ndarray:
     return (px.reshape(len(px), -1) / 127.5 - 1.0).astype(np.float32)
 
 
+def raw_pixel_features(images: np.ndarray) -> np.ndarray:
+    """uint8 images (N, H, W, C) -> float32 (N, H * W * C) pixel values in [-1, 1] (the raw-pixel baseline)."""
+    x = np.asarray(images, dtype=np.float32)
+    return (x.reshape(len(x), -1) / 127.5 - 1.0).astype(np.float32)
+
+
 def concat_layers(feats: dict[int, np.ndarray], centre: int, k: int) -> tuple[list[int], np.ndarray]:
     """Features of the up to 2k + 1 available layers centre-k .. centre+k, concatenated along the feature axis."""
     ls = [l for l in range(centre - k, centre + k + 1) if l in feats]  # noqa: E741

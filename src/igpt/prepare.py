@@ -1,9 +1,12 @@
 """Token shards: images -> n_px x n_px -> palette ids, written once and memory-mapped by every later stage.
 
 ``prepare`` makes, in one atomic directory, ``{train,val,test}_tokens.npy`` (uint16 (N, n_px * n_px), raster
-order), the matching ``*_labels.npy`` (int64) when the source has labels, ``palette.npy`` (+ ``palette.json``)
-and ``meta.json``. Images are decoded and resized once, in chunks, into a pixel file on disk; the palette is
-fitted on pixels sampled from the training rows (never validation or test); a second pass quantizes.
+order), the matching ``*_labels.npy`` (int64) when the source has labels, ``*_pixels.npy`` (uint8
+(N, n_px, n_px, C): the resized images before quantization, for the probe's raw-pixel baseline; ``--no-pixels``
+leaves them out), ``*_native.npy`` (the same at the source's own resolution, see ``Native``), ``palette.npy``
+(+ ``palette.json``) and ``meta.json``. Images are decoded and resized once, in chunks, into a pixel file on
+disk; the palette is fitted on pixels sampled from the training rows (never validation or test); a second pass
+quantizes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from igpt.palette import Palette, channel_name, fit_palette
 FORMAT = "igpt-shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
+NATIVE_MAX_VALUES = 64 * 64 * 3  # native-resolution pixel files are kept up to this many values per image
 OPENAI_NPY = "openai-npy:"  # --data openai-npy:DIR: OpenAI's pre-quantized trX/vaX/teX arrays (igpt.openai)
 
 
@@ -46,6 +50,7 @@ class PrepareConfig:
     chunk_size: int = 2048  # images per chunk: bounds peak memory
     fit_pixels: int = 1_000_000  # pixels sampled from the training rows for the k-means fit
     fit_device: str | None = None  # torch device for the fit; None picks CUDA when present
+    pixels: bool = True  # also write {split}_pixels.npy: the resized images before quantization (probe baseline)
 
     def __post_init__(self):
         if not 2 <= self.n_px <= 1024:
@@ -114,17 +119,53 @@ def _bar(total: int, desc: str) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", disable=not sys.stderr.isatty(), leave=False)
 
 
-def _decode_split(src: Source, split: str, cfg: PrepareConfig, tmp: Path) -> tuple[PixelFile, np.ndarray | None]:
-    """Pass 1: decode and resize a split, in chunks, into a pixel file; return it and the labels."""
+class Native:
+    """Pass-1 bookkeeping of the images at their native resolution (centre-cropped square, not resized), kept
+    for the probe's second raw-pixel baseline when every image of every split has the same shorter side,
+    larger than n_px and at most NATIVE_MAX_VALUES values per image; otherwise dropped (``side`` 0)."""
+
+    def __init__(self, cfg: PrepareConfig, channels: int, tmp: Path):
+        self.side: int | None = None if cfg.pixels else 0  # None: not seen an image yet
+        self.n_px, self.channels, self.tmp = cfg.n_px, channels, tmp
+        self.files: dict[str, PixelFile] = {}
+
+    def add(self, split: str, images, x_channels) -> None:
+        if self.side == 0 or not len(images):
+            return
+        sides = {min(im.shape[:2]) for im in images}
+        if self.side is None:
+            self.side = min(sides)
+        if sides != {self.side} or self.side <= self.n_px or self.side**2 * self.channels > NATIVE_MAX_VALUES:
+            self.drop()
+            return
+        if split not in self.files:
+            self.files[split] = PixelFile(self.tmp / f".native-{split}.u8", self.side, self.channels)
+        self.files[split].append(x_channels(resize_batch(images, self.side)))  # a centre crop, no resampling
+
+    def drop(self) -> None:
+        self.side = 0
+        for f in self.files.values():
+            f.path.unlink(missing_ok=True)
+        self.files = {}
+
+
+def _decode_split(src: Source, split: str, cfg: PrepareConfig, tmp: Path,
+                  native: Native) -> tuple[PixelFile, np.ndarray | None]:
+    """Pass 1: decode and resize a split, in chunks, into a pixel file (and ``native``); return it and the labels."""
     s = src.splits[split]
     pix = PixelFile(tmp / f".pixels-{split}.u8", cfg.n_px, src.channels)
     labels: list[np.ndarray] = []
+
+    def with_channels(x: np.ndarray) -> np.ndarray:
+        if len(x) and x.shape[-1] != src.channels:
+            return np.stack([convert_channels(im, src.channels) for im in x])
+        return x
+
     with _bar(s.n, f"decode {split}") as bar:
         for images, lab in s.chunks(cfg.chunk_size):
-            x = resize_batch(images, cfg.n_px)
-            if len(x) and x.shape[-1] != src.channels:
-                x = np.stack([convert_channels(im, src.channels) for im in x])
+            x = with_channels(resize_batch(images, cfg.n_px))
             pix.append(x)
+            native.add(split, images, with_channels)
             if lab is not None:
                 labels.append(lab)
             bar.update(len(x))
@@ -134,16 +175,17 @@ def _decode_split(src: Source, split: str, cfg: PrepareConfig, tmp: Path) -> tup
 
 
 class TokenWriter:
-    """Appends uint16 rows to a .npy file whose final shape (n, t) is known up front."""
+    """Appends rows to a .npy file whose final shape (n, *row) is known up front: uint16 ids by default."""
 
-    def __init__(self, path: Path, n: int, t: int):
+    def __init__(self, path: Path, n: int, t: int | tuple[int, ...], dtype: str = "<u2"):
         self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
-        np.lib.format.write_array_header_2_0(self.f, {"descr": "<u2", "fortran_order": False, "shape": (n, t)})
-        self.left = n
+        row = (t,) if isinstance(t, int) else tuple(t)
+        np.lib.format.write_array_header_2_0(self.f, {"descr": dtype, "fortran_order": False, "shape": (n, *row)})
+        self.left, self.dtype = n, dtype
 
-    def write(self, ids: np.ndarray) -> None:
-        self.f.write(ids.astype("<u2", copy=False).tobytes())
-        self.left -= len(ids)
+    def write(self, rows: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(rows.astype(self.dtype, copy=False)).tobytes())
+        self.left -= len(rows)
 
     def close(self) -> None:
         self.f.close()
@@ -164,7 +206,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         pal_file.check_channels(src.channels, f"the data ({src.name})")
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
-        decoded = {split: _decode_split(src, split, cfg, tmp) for split in src.splits}
+        native = Native(cfg, src.channels, tmp)
+        decoded = {split: _decode_split(src, split, cfg, tmp, native) for split in src.splits}
+        if native.side and set(native.files) != set(decoded):
+            native.drop()
         # output split -> (decoded split it comes from, mask over that split's rows)
         routes: dict[str, tuple[str, np.ndarray]] = {}
         n_train = decoded["train"][0].rows
@@ -200,32 +245,49 @@ def prepare(cfg: PrepareConfig) -> dict:
             for dsplit, (pixels, labels) in decoded.items():  # pass 2: one sequential read per decoded split
                 outs = {o: TokenWriter(tmp / f"{o}_tokens.npy", counts[o], t) for o, (d, _) in routes.items()
                         if d == dsplit}
+                raw = {o: TokenWriter(tmp / f"{o}_pixels.npy", counts[o], pixels.shape_1, "|u1")
+                       for o in outs} if cfg.pixels else {}
+                nat_file = native.files.get(dsplit)
+                nat = {o: TokenWriter(tmp / f"{o}_native.npy", counts[o], nat_file.shape_1, "|u1")
+                       for o in outs} if nat_file else {}
+                nat_chunks = nat_file.chunks(cfg.chunk_size) if nat_file else None
                 for s, x in pixels.chunks(cfg.chunk_size):
                     ids = palette.quantize(x).reshape(len(x), t)
+                    rows = {o: routes[o][1][s : s + len(x)] for o in outs}
                     for o, w in outs.items():
-                        w.write(ids[routes[o][1][s : s + len(x)]])
+                        w.write(ids[rows[o]])
+                    for o, w in raw.items():
+                        w.write(x[rows[o]])
+                    if nat_chunks is not None:
+                        xn = next(nat_chunks)[1]
+                        for o, w in nat.items():
+                            w.write(xn[rows[o]])
                     bar.update(len(x))
-                for o, w in outs.items():
+                for w in [*outs.values(), *raw.values(), *nat.values()]:
                     w.close()
-                    if labels is not None:
+                if labels is not None:
+                    for o in outs:
                         np.save(tmp / f"{o}_labels.npy", labels[routes[o][1]], allow_pickle=False)
                 pixels.path.unlink()
+                if nat_file:
+                    nat_file.path.unlink()
         meta = write_meta(tmp, cfg, palette, src.name, src.channels, counts,
                           all(decoded[d][1] is not None for d, _ in routes.values()), src.class_names,
-                          sorted(f for s in src.splits.values() for f in s.skipped), fit_info)
+                          sorted(f for s in src.splits.values() for f in s.skipped), fit_info,
+                          native.side or None)
     return meta
 
 
 def write_meta(folder: Path, cfg: PrepareConfig, palette: Palette, source: str, channels: int,
                counts: dict[str, int], labels: bool, class_names: list[str] | None = None,
-               skipped: list[str] | None = None, fit_info: dict | None = None) -> dict:
+               skipped: list[str] | None = None, fit_info: dict | None = None, native_px: int | None = None) -> dict:
     """Write meta.json into ``folder`` (last, once the token files are complete) and return it."""
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "created_by": f"igpt {__version__}",
         "n_px": cfg.n_px, "channels": channels, "palette_size": palette.k, "palette_sha256": palette.hash,
         "source": source, "counts": counts, "labels": labels,
         "class_names": class_names, "split_seed": cfg.seed, "val_fraction": cfg.val_fraction,
-        "skipped": skipped or [], "palette_fit": fit_info, "config": asdict(cfg),
+        "skipped": skipped or [], "palette_fit": fit_info, "native_px": native_px, "config": asdict(cfg),
     }
     atomic_write_bytes(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     return meta
@@ -255,6 +317,23 @@ class Shards:
     def labels(self, split: str) -> np.ndarray | None:
         path = self.root / f"{split}_labels.npy"
         return np.load(path, allow_pickle=False) if path.is_file() else None
+
+    def pixels(self, split: str, native: bool = False) -> np.ndarray | None:
+        """Memory-mapped uint8 images (N, side, side, C) of one split before quantization, at n_px or (native)
+        at the source's own resolution (centre-cropped square); None when prepare did not keep them
+        (--no-pixels, OpenAI's pre-quantized data, sources of mixed or small sizes for native)."""
+        side = self.meta.get("native_px") if native else self.n_px
+        path = self.root / f"{split}_{'native' if native else 'pixels'}.npy"
+        if not side or not path.is_file():
+            return None
+        try:
+            x = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise IgptError(f"{path}: unreadable ({e})") from None
+        want = (self.meta["counts"][split], side, side, self.meta["channels"])
+        if x.dtype != np.uint8 or x.shape != want:
+            raise IgptError(f"{path}: {x.dtype} {x.shape}, meta.json says uint8 {want}")
+        return x
 
 
 def load_shards(path: str | Path) -> Shards:

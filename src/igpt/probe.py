@@ -7,7 +7,11 @@ Protocol (the choice never sees test labels):
 3. the best layer (and its C) is the highest val accuracy (ties: the shallower layer);
 4. every layer is then refitted on train + val (standardised with their statistics) with its own C and scored
    on test, which gives the accuracy-against-depth curve; the best layer's test accuracy is the headline;
-5. the raw-pixel baseline runs steps 2-4 on the palette colours of the pixels (igpt.features.pixel_features);
+5. the raw-pixel baseline runs steps 2-4 on the pixel values of the same images at the model's n_px, before
+   quantization (the shards' ``*_pixels.npy``); shards without them (``prepare --no-pixels``, OpenAI's data)
+   fall back to the palette colours of the tokens (igpt.features.pixel_features); when the source's images
+   are larger (``*_native.npy``, e.g. 28x28 Fashion-MNIST for a 16x16 model), also at that resolution
+   (``baseline_native_*``);
 6. low data: for each K and seed, exactly K train images per class (igpt.features.draw_per_class); C is
    re-swept on the full val split for every draw (the right strength depends strongly on K); standardisation
    uses the statistics of the whole train split (no labels needed); the layer is the one chosen in 3.
@@ -29,8 +33,11 @@ from igpt.logreg import Standardizer, fit_logreg, sweep
 
 PROBE_FILE, PLOT_FILE = "probe.json", "probe.png"
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # sklearn's C (inverse L2 strength on the summed loss); a log grid
-BASELINE_INPUT = ("palette colours of the shards' tokens, scaled to [-1, 1], at the model's n_px (the shards "
-                  "keep no pixels from before quantization)")
+BASELINE_INPUT = {
+    "pixels": "pixel values before quantization at the model's n_px (the shards' *_pixels.npy), scaled to [-1, 1]",
+    "palette": ("palette colours of the shards' tokens, scaled to [-1, 1], at the model's n_px (these shards keep "
+                "no pixels from before quantization)"),
+}
 
 
 @dataclass
@@ -138,7 +145,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     from igpt.checkpoint import load_model
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import check_compatible
-    from igpt.features import cache_key, cached_features, concat_layers, pixel_features
+    from igpt.features import cache_key, cached_features, concat_layers, pixel_features, raw_pixel_features
     from igpt.prepare import load_shards
 
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -167,11 +174,20 @@ def run_probe(cfg: ProbeConfig) -> dict:
     kw = {"max_iter": cfg.max_iter, "device": device}
     res = probe_protocol(feats["train"], y["train"], feats["val"], y["val"], feats["test"], y["test"], cfg.Cs,
                          n_classes, **kw)
-    pix = {s: {"pixels": pixel_features(shards.tokens(s), shards.palette)} for s in splits}
-    base = probe_protocol(pix["train"], y["train"], pix["val"], y["val"], pix["test"], y["test"], cfg.Cs,
-                          n_classes, **kw)
-    res.update({"baseline_val_accuracy": base["val_accuracy"], "baseline_test_accuracy": base["test_accuracy"],
-                "baseline_C": base["C"], "baseline_input": BASELINE_INPUT})
+    raw = {s: shards.pixels(s) for s in splits}
+    kind = "pixels" if all(v is not None for v in raw.values()) else "palette"
+    baselines = {"": {s: raw_pixel_features(raw[s]) if kind == "pixels"
+                      else pixel_features(shards.tokens(s), shards.palette) for s in splits}}
+    native = {s: shards.pixels(s, native=True) for s in splits}
+    if all(v is not None for v in native.values()):  # the source's own, higher resolution
+        baselines["native_"] = {s: raw_pixel_features(native[s]) for s in splits}
+        res["native_px"] = shards.meta["native_px"]
+    for prefix, pix in baselines.items():
+        base = probe_protocol({0: pix["train"]}, y["train"], {0: pix["val"]}, y["val"], {0: pix["test"]}, y["test"],
+                              cfg.Cs, n_classes, **kw)
+        res.update({f"baseline_{prefix}val_accuracy": base["val_accuracy"],
+                    f"baseline_{prefix}test_accuracy": base["test_accuracy"], f"baseline_{prefix}C": base["C"]})
+    res["baseline_input"] = BASELINE_INPUT[kind]
     best = res["best_layer"]
     if cfg.concat:
         ls = concat_layers(feats["train"], best, cfg.concat)[0]
@@ -182,13 +198,14 @@ def run_probe(cfg: ProbeConfig) -> dict:
                          "test_accuracy": c["test_accuracy"], "C": c["C"]}
     if cfg.labels_per_class:
         args = (cfg.labels_per_class, cfg.seeds, cfg.Cs, n_classes)
-        ours = low_data(feats["train"][best], y["train"], feats["val"][best], y["val"], feats["test"][best],
+        rows = low_data(feats["train"][best], y["train"], feats["val"][best], y["val"], feats["test"][best],
                         y["test"], *args, **kw)
-        theirs = low_data(pix["train"]["pixels"], y["train"], pix["val"]["pixels"], y["val"],
-                          pix["test"]["pixels"], y["test"], *args, **kw)
-        res["low_data"] = [{**o, "baseline_mean": b["mean"], "baseline_std": b["std"],
-                            "baseline_accuracies": b["accuracies"], "baseline_Cs": b["Cs"]}
-                           for o, b in zip(ours, theirs)]
+        for prefix, pix in baselines.items():  # the same draws (seeded by seed and K) for every baseline
+            theirs = low_data(pix["train"], y["train"], pix["val"], y["val"], pix["test"], y["test"], *args, **kw)
+            rows = [{**o, f"baseline_{prefix}mean": b["mean"], f"baseline_{prefix}std": b["std"],
+                     f"baseline_{prefix}accuracies": b["accuracies"], f"baseline_{prefix}Cs": b["Cs"]}
+                    for o, b in zip(rows, theirs)]
+        res["low_data"] = rows
         res["low_data_protocol"] = ("exactly K train images per class drawn per seed (the same draws for the baseline); C re-swept on the full val "
                                     "split for every draw; standardised with whole-train statistics; layer "
                                     f"{best} (chosen on val with all labels); mean and std over seeds")
@@ -222,6 +239,9 @@ def plot_png(res: dict) -> bytes:
     ax.plot(ls, [100 * r["val_accuracy"] for r in rows], "o-", label="val (chooses the layer)")
     ax.plot(ls, [100 * r["test_accuracy"] for r in rows], "s-", label="test")
     ax.axhline(100 * res["baseline_test_accuracy"], color="grey", ls="--", label="raw pixels (test)")
+    if "baseline_native_test_accuracy" in res:
+        ax.axhline(100 * res["baseline_native_test_accuracy"], color="grey", ls=":",
+                   label=f"raw pixels at {res['native_px']}x{res['native_px']} (test)")
     ax.axvline(res["best_layer"], color="k", alpha=0.2)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")

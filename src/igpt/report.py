@@ -53,7 +53,9 @@ def render(s: dict, colours: np.ndarray, images: dict[str, bytes]) -> str:
         ("test NLL", f"{s['test_bits_per_token']:.4f} bits/token ({s['test_nats_per_token']:.4f} nats)"),
         ("best probe layer (chosen on val)", str(s["best_layer"])),
         ("probe test accuracy", _pct(s["probe_test_accuracy"])),
-        ("raw-pixel baseline test accuracy", _pct(s["baseline_test_accuracy"])),
+        ("raw-pixel baseline test accuracy", _pct(s["baseline_test_accuracy"])
+         + ("" if s.get("baseline_native_test_accuracy") is None else
+            f" ({_pct(s['baseline_native_test_accuracy'])} at the source's {s['native_px']}x{s['native_px']})")),
         ("completions keep the given top half", "yes" if s["completions_keep_top_half"] else "NO"),
         ("wall time", f"{s['wall_seconds']:.0f} s (budget {s['budget_seconds']:.0f} s): "
                       + ", ".join(f"{k} {v:.0f} s" for k, v in s["stage_seconds"].items())),
