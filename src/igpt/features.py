@@ -34,10 +34,9 @@ def extract_features(model, tokens: np.ndarray, layers, batch_size: int = 64, de
 
 
 def pixel_features(tokens: np.ndarray, palette) -> np.ndarray:
-    """uint16 ids (N, T) -> float32 (N, T * C) pixel values in [-1, 1]: each id's palette colour (the shards keep
-    no pixels from before quantization, so this is the closest raw-pixel input they allow)."""
-    px = palette.dequantize(np.asarray(tokens)).astype(np.float32)  # (N, T, C) uint8 values
-    return (px.reshape(len(px), -1) / 127.5 - 1.0).astype(np.float32)
+    """uint16 ids (N, T) -> float32 (N, T * C) pixel values in [-1, 1]: each id's palette colour (the fallback
+    baseline input for shards that keep no pixels from before quantization)."""
+    return raw_pixel_features(palette.dequantize(np.asarray(tokens)))  # dequantize: (N, T, C) uint8
 
 
 def raw_pixel_features(images: np.ndarray) -> np.ndarray:

@@ -208,8 +208,6 @@ def prepare(cfg: PrepareConfig) -> dict:
     with atomic_dir(out) as tmp:
         native = Native(cfg, src.channels, tmp)
         decoded = {split: _decode_split(src, split, cfg, tmp, native) for split in src.splits}
-        if native.side and set(native.files) != set(decoded):
-            native.drop()
         # output split -> (decoded split it comes from, mask over that split's rows)
         routes: dict[str, tuple[str, np.ndarray]] = {}
         n_train = decoded["train"][0].rows
