@@ -133,3 +133,17 @@ def test_existing_foreign_folder_is_not_replaced(shards, tmp_path):
     (tmp_path / "run" / "precious.txt").write_text("x")
     with pytest.raises(IgptError, match="did not write"):
         train(tiny(shards, tmp_path / "run"))
+
+
+def test_a_run_killed_during_its_first_config_write_can_start_again(shards, tmp_path):
+    """SIGKILL between atomic_write_bytes' mkstemp and its rename leaves only '.config.json.XXXX.tmp' in the run
+    folder (bench/faults.py hit this with a kill 0.36 s in): that folder is ours, so the next run proceeds.
+    A foreign temporary name is still refused."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".config.json.k3j2abcd.tmp").write_bytes(b"{")
+    train(tiny(shards, tmp_path / "run"))
+    assert (tmp_path / "run" / "config.json").is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / ".notes.txt.k3j2abcd.tmp").write_bytes(b"x")
+    with pytest.raises(IgptError, match="did not write"):
+        train(tiny(shards, tmp_path / "other"))

@@ -92,7 +92,10 @@ def check_replaceable(path: Path, markers: tuple[str, ...]) -> None:
     if not path.is_dir():
         raise IgptError(f"{path} exists and is not a directory; choose another output path")
     entries = list(path.iterdir())
-    if entries and not any((path / m).is_file() for m in markers):
+    # a marker, or the temporary of one that atomic_write_bytes left when killed before its rename (the
+    # first write of a run): both mean the directory is ours
+    ours = any((path / m).is_file() or any(path.glob(f".{m}.*.tmp")) for m in markers)
+    if entries and not ours:
         raise IgptError(f"{path} is a non-empty directory that igpt did not write; refusing to replace it")
 
 
