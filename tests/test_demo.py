@@ -87,6 +87,7 @@ def test_report_holds_the_numbers_images_and_commands(demo_run):
     for cmd in s["commands"]:
         assert cmd.replace("'", "&#x27;") in page
     assert s["commands"][0].startswith("igpt demo ") and f"--steps {s['steps']}" in s["commands"][0]
+    assert {"--augment", "0.003"} <= set(s["commands"][0].split())  # the defaults (augment, lr 3e-3), spelt out
 
 
 def test_demo_refuses_a_foreign_output_folder(demo_run, tmp_path, capsys):

@@ -400,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--palette-size", type=int, help="colours (default 16 grey, 64 RGB)")
     m.add_argument("--preset", default="cpu-small", help="model size (default cpu-small)")
     m.add_argument("--batch-size", type=int, default=16, help="images per training step (default 16)")
-    m.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    m.add_argument("--augment", action="store_true", help="random crop + horizontal flip during pretraining")
+    m.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    m.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random crop + horizontal flip during pretraining (default on)")
     m.add_argument("--seed", type=int, default=0, help="splits, palette, model and sampling seed (default 0)")
     m.add_argument("--device", help="torch device (default: CUDA when present, else CPU)")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
