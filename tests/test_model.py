@@ -278,11 +278,15 @@ def test_low_precision_short_attention_path_matches_sdpa(causal):
     from igpt.model import attention
 
     q, k, v = (torch.randn(2, 3, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     out = attention(q, k, v, causal)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
-    assert (out.float() - ref).abs().max() < 0.05
-    out.float().sum().backward()
-    assert q.grad is not None and torch.isfinite(q.grad).all()
+    ref = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, is_causal=causal)
+    assert out.shape == ref.shape and (out.float() - ref).abs().max() < 0.05
+    g = torch.randn_like(ref)
+    out.backward(g.bfloat16())
+    ref.backward(g)
+    for a, b in ((q, q32), (k, k32), (v, v32)):  # gradients of the fp32 reference, to bf16 precision
+        assert (a.grad.float() - b.grad).abs().max() < 0.05 * b.grad.abs().max() + 0.02
 
 
 @pytest.mark.gpu

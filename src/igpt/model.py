@@ -13,6 +13,7 @@ Two objectives share the network: ``ar`` (causal; input [SOS, x0 .. x_{n-2}], ou
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -129,16 +130,27 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, d
     """softmax(q k^T / sqrt(hd) [+ causal mask]) v for (B, H, T, hd) inputs.
 
     SDPA's fused CPU flash kernel never materialises the (T, T) scores; measured on 2 cores it beats the math
-    path in fp32 at T = 256 (3x, fwd+bwd) and T = 1024 (5x). Only for bf16 on CPU at T <= 256 is plain matmul
-    attention faster (1.1-1.5x fwd+bwd; the flash backward is slow there), so that case takes it.
+    path in fp32 at T = 256 (3x, fwd+bwd) and T = 1024 (4x). Only for bf16 on CPU at T <= 256 is plain matmul
+    attention faster (1.1-1.5x fwd+bwd; the flash backward is slow there), so that case takes it, as 3-D
+    batched matmuls with the scale and causal mask folded into the first (baddbmm): 1.16x faster bf16 training
+    steps at T = 144 and 1.30x at T = 256 than 4-D matmul + masked_fill (cpu-small, batch 16).
     """
-    T = q.shape[-2]
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 256 and dropout_p == 0.0:
-        s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, T, T)
-        if causal:
-            s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
-        return torch.matmul(torch.softmax(s, dim=-1), v)
+    B, H, T, hd = q.shape
+    if (q.device.type == "cpu" and q.dtype == torch.bfloat16 and T <= 256 and dropout_p == 0.0
+            and k.shape == v.shape == q.shape):
+        kt = k.reshape(B * H, T, hd).transpose(1, 2)
+        if causal:  # scale and mask inside the matmul (baddbmm): no separate passes over the (T, T) scores
+            s = torch.baddbmm(causal_bias(T, q.dtype, q.device), q.reshape(B * H, T, hd), kt, alpha=hd**-0.5)
+        else:
+            s = torch.bmm(q.reshape(B * H, T, hd), kt).mul_(hd**-0.5)
+        return torch.bmm(torch.softmax(s, dim=-1), v.reshape(B * H, T, hd)).view(B, H, T, hd)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+
+
+@functools.lru_cache(maxsize=8)
+def causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(T, T): 0 on and below the diagonal, -inf above (added to the scores of the short attention path)."""
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
 
 
 # -- modules ------------------------------------------------------------------------------------------------
