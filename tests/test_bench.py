@@ -82,3 +82,16 @@ def test_quality_script_records_recipe_baselines_and_targets(tmp_path):
     bad = subprocess.run([sys.executable, str(BENCH / "quality.py"), "--data", str(tmp_path / "missing.npz"),
                           "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+@pytest.mark.slow
+def test_attention_bench_prints_every_case_and_implementation():
+    r = subprocess.run([sys.executable, str(BENCH / "bench_attention.py"), "--quick", "--threads", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert {"t144_bf16", "t256_bf16", "t256_fp32", "t1024_bf16"} <= set(res)
+    for case in ("t144_bf16", "t256_bf16", "t256_fp32", "t1024_bf16"):
+        ms = res[case]["fwd_bwd_ms"]
+        assert set(ms) == {"igpt", "flash", "matmul_masked_fill"} and all(v > 0 for v in ms.values())
+        assert res[case]["igpt_over_flash"] == pytest.approx(ms["flash"] / ms["igpt"])
