@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(rounds):
             for name in (list(impls) if r % 2 == 0 else list(impls)[::-1]):
                 ts = []
-                for i in range(repeats + 1):  # the first is a warm-up
+                for _ in range(repeats + 1):  # the first is a warm-up
                     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
                     t0 = time.perf_counter()
                     impls[name](q, k, v).float().sum().backward()
