@@ -56,7 +56,8 @@ def test_demo_writes_every_artefact_with_real_numbers(demo_run, capsys):
     # an untrained 8-colour model scores log2(8) = 3 bits; training must have gone below it
     assert 0.0 < s["val_bits_per_token"] < 3.0 and 0.0 < s["test_bits_per_token"] < 3.0
     assert math.isclose(s["val_bits_per_token"], s["val_nats_per_token"] / math.log(2))
-    assert s["wall_seconds"] > 0 and s["steps"] >= 20 and s["tokens_per_s"] > 0
+    assert s["wall_seconds"] > 0 and s["steps"] >= 1 and s["tokens_per_s"] > 0
+    assert s["steps"] <= s["steps_planned"] and s["stopped_by_time_limit"] == (s["steps"] < s["steps_planned"])
     assert s["completions_keep_top_half"] is True
     assert s["native_px"] == 28 and 0.2 < s["baseline_native_test_accuracy"] <= 1.0  # the source's 28x28 pixels
     assert "before quantization" in s["baseline_input"]
@@ -86,7 +87,7 @@ def test_report_holds_the_numbers_images_and_commands(demo_run):
     assert page.count('class="sw"') == s["palette_size"]
     for cmd in s["commands"]:
         assert cmd.replace("'", "&#x27;") in page
-    assert s["commands"][0].startswith("igpt demo ") and f"--steps {s['steps']}" in s["commands"][0]
+    assert s["commands"][0].startswith("igpt demo ") and f"--steps {s['steps_planned']}" in s["commands"][0]
     assert {"--augment", "0.003"} <= set(s["commands"][0].split())  # the defaults (augment, lr 3e-3), spelt out
 
 
@@ -155,7 +156,7 @@ def test_report_renders_in_a_headless_browser(demo_run, tmp_path):
 
 
 def test_plan_steps_fits_the_budget():
-    from igpt.demo import TRAIN_OVERHEAD, plan_steps
+    from igpt.demo import RESERVE, TRAIN_OVERHEAD, plan_steps
 
     kw = dict(step_s=0.3, fwd_s=0.1, batch=32, n_eval_images=2800, n_feature_images=10000, n_sample_tokens=8192,
               max_steps=5000)
@@ -163,5 +164,21 @@ def test_plan_steps_fits_the_budget():
     assert 20 <= small["steps"] < big["steps"] < 5000
     for p in (small, big):  # training (with the loop's overhead) plus what is kept for later fits the budget
         assert p["steps"] * 0.3 * TRAIN_OVERHEAD + p["reserved_s"] <= p["budget_s"] + 1e-6
+        # the loop's hard stop: the planned training time plus half the fixed reserve, inside the budget
+        assert p["time_limit_s"] == pytest.approx(p["budget_s"] - p["reserved_s"] + RESERVE * p["budget_s"] / 2)
+        assert p["steps"] * 0.3 * TRAIN_OVERHEAD < p["time_limit_s"] < p["budget_s"]
     assert plan_steps(10, **kw)["steps"] == 20  # a budget too small still trains a little
     assert plan_steps(10**6, **kw)["steps"] == 5000  # capped
+
+
+def test_commands_of_a_run_stopped_by_the_time_limit_reproduce_it():
+    from types import SimpleNamespace
+
+    from igpt.demo import DemoConfig, commands
+
+    prep = SimpleNamespace(n_px=12, palette_size=16, test_fraction=0.0)
+    full = commands(DemoConfig(), Path("runs/demo"), prep, 500, 500)
+    cut = commands(DemoConfig(), Path("runs/demo"), prep, 500, 321)
+    assert "--stop-at" not in " ".join(full) and "step-000500" in full[3]
+    assert cut[2].endswith("--stop-at 321") and "--steps 500" in cut[2]  # the same schedule, stopped where it was
+    assert all("step-000321" in c for c in cut[3:]) and "--steps 500" in cut[0]

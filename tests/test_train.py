@@ -82,7 +82,8 @@ def test_contradictory_configs_fail_before_data_or_process_group(shards, tmp_pat
 
 @pytest.mark.parametrize("kw, field", [(dict(steps=0), "steps"), (dict(objective="gan"), "objective"),
                                        (dict(dtype="fp8"), "dtype"), (dict(stop_at=9), "stop_at"),
-                                       (dict(model_overrides={"mode": "ar"}), "mode")])
+                                       (dict(model_overrides={"mode": "ar"}), "mode"),
+                                       (dict(time_limit=0), "time_limit"), (dict(time_limit=True), "time_limit")])
 def test_config_fields_are_validated(shards, tmp_path, kw, field):
     with pytest.raises(IgptError, match=field):
         tiny(shards, tmp_path, **kw)
@@ -147,3 +148,16 @@ def test_a_run_killed_during_its_first_config_write_can_start_again(shards, tmp_
     (tmp_path / "other" / ".notes.txt.k3j2abcd.tmp").write_bytes(b"x")
     with pytest.raises(IgptError, match="did not write"):
         train(tiny(shards, tmp_path / "other"))
+
+
+def test_time_limit_stops_with_a_checkpoint_keeps_the_schedule_and_resumes(shards, tmp_path, capsys):
+    """A time limit already spent stops the loop after its first step, checkpointing it (the lr of that step is
+    the full schedule's); a resumed run with another limit (bookkeeping, allowed to change) trains to the end."""
+    res = train(tiny(shards, tmp_path / "run", time_limit=1e-9))
+    assert res["step"] == 1 and list(res["losses"]) == [1]
+    assert res["checkpoint"].name == "step-000001" and latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert "time limit of 1e-09 s reached: stopping at step 1 of 6" in capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if "lr" in r] == [pytest.approx(T.lr_at(0, 3e-3, 2, 6))]
+    res = train(tiny(shards, tmp_path / "run", time_limit=3600.0, resume="auto"))
+    assert res["step"] == 6 and sorted(res["losses"]) == [2, 3, 4, 5, 6]

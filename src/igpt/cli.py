@@ -116,7 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp, device=args.device,
         seed=args.seed, log_every=args.log_every, eval_every=args.eval_every, eval_images=args.eval_images,
         save_every=args.save_every, keep=args.keep, resume=args.resume, stop_at=args.stop_at,
-        progress=args.progress,
+        time_limit=args.time_limit, progress=args.progress,
     )
     res = train(cfg)
     from igpt.distributed import print0
@@ -332,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500)")
     t.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
     t.add_argument("--stop-at", type=int, help="stop after this step (checkpointing) as if interrupted")
+    t.add_argument("--time-limit", type=float, metavar="SECONDS",
+                   help="stop (checkpointing) once the loop has run this long; the schedule stays that of --steps")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     for name in ("n-layer", "n-embd", "n-head", "n-px", "palette-size"):

@@ -132,24 +132,26 @@ def plan_steps(budget_s: float, step_s: float, fwd_s: float, batch: int, n_eval_
     # the loop costs more than the bare step: validation passes, checkpoints, logging (TRAIN_OVERHEAD)
     steps = int(min(max_steps, max(20, left / (TRAIN_OVERHEAD * step_s))))
     return {"budget_s": budget_s, "step_s": step_s, "forward_s": fwd_s, "reserved_s": budget_s - left,
-            "steps": steps}
+            "steps": steps, "time_limit_s": left + fixed / 2}  # the loop may eat half the reserve, no more
 
 
-def _train_config(cfg: DemoConfig, shards_dir: Path, run_dir: Path, steps: int):
+def _train_config(cfg: DemoConfig, shards_dir: Path, run_dir: Path, steps: int, time_limit: float | None):
     from igpt.train_config import TrainConfig
 
     return TrainConfig(
         data=str(shards_dir), preset=cfg.preset, out=str(run_dir), steps=steps, batch_size=cfg.batch_size,
         lr=cfg.lr, warmup=max(1, steps // 10), eval_every=max(1, steps // 5), eval_images=500,
         save_every=steps, log_every=max(1, min(10, steps // 20)), keep=1, seed=cfg.seed, device=cfg.device,
-        progress=cfg.progress, augment=cfg.augment,
+        progress=cfg.progress, augment=cfg.augment, time_limit=time_limit,
     )
 
 
-def commands(cfg: DemoConfig, out: Path, prep, steps: int) -> list[str]:
-    """The `igpt` command lines that reproduce this run: the demo itself, then its stages one by one."""
+def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[str]:
+    """The `igpt` command lines that reproduce this run: the demo itself, then its stages one by one (``done``:
+    the steps trained, fewer than ``steps`` when the time limit stopped the loop; `igpt train --stop-at`
+    reproduces that)."""
     q = shlex.quote
-    ckpt = str(out / "run" / "checkpoints" / f"step-{steps:06d}")  # what `igpt train` writes
+    ckpt = str(out / "run" / "checkpoints" / f"step-{done:06d}")  # what `igpt train` writes
     demo = ["igpt", "demo", "--data", cfg.data, "--out", str(out), "--minutes", f"{cfg.minutes:g}", "--steps",
             str(steps), "--n-px", str(cfg.n_px), "--palette-size", str(prep.palette_size), "--preset", cfg.preset,
             "--batch-size", str(cfg.batch_size), "--lr", f"{cfg.lr:g}", "--seed", str(cfg.seed)]
@@ -162,7 +164,8 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int) -> list[str]:
         + (["--data-dir", cfg.data_dir] if cfg.data_dir else []),
         ["igpt", "train", "--data", str(out / "shards"), "--preset", cfg.preset, "--steps", str(steps),
          "--batch-size", str(cfg.batch_size), "--lr", f"{cfg.lr:g}", "--warmup", str(max(1, steps // 10)),
-         "--seed", str(cfg.seed), "--out", str(out / "run")] + (["--augment"] if cfg.augment else []),
+         "--seed", str(cfg.seed), "--out", str(out / "run")] + (["--augment"] if cfg.augment else [])
+        + (["--stop-at", str(done)] if done < steps else []),
         ["igpt", "eval", "--checkpoint", ckpt, "--data", str(out / "shards")],
         ["igpt", "probe", "--checkpoint", ckpt, "--data", str(out / "shards"), "--max-iter",
          str(PROBE_MAX_ITER), "--out", str(out / "probe")],
@@ -224,11 +227,14 @@ def run_demo(cfg: DemoConfig) -> dict:
                       cfg.completions * cfg.per_image * mcfg.seq_len // 2 + cfg.samples * mcfg.seq_len,
                       cfg.max_steps)
     steps = plan["steps"] = cfg.steps or plan["steps"]
+    time_limit = None if cfg.steps else plan["time_limit_s"]  # fixed --steps: train them all
     _say(2, f"train: {cfg.preset} ({mcfg.n_layer} layers, {mcfg.n_embd} wide), {steps} steps of "
             f"{cfg.batch_size} images (measured {step_s * 1000:.0f} ms/step; "
-            f"{plan['reserved_s']:.0f} s kept for the later stages)")
-    tcfg = _train_config(cfg, out / "shards", out / "run", steps)
+            f"{plan['reserved_s']:.0f} s kept for the later stages"
+            + ("" if time_limit is None else f"; stops early after {time_limit:.0f} s if the loop runs slower") + ")")
+    tcfg = _train_config(cfg, out / "shards", out / "run", steps, time_limit)
     res = train(tcfg)
+    done = res["step"]  # < steps when the loop ran slower than measured and hit the time limit
     ckpt = Path(res["checkpoint"])
     model_dir = out / "model"  # the model files alone (the optimizer state stays in run/checkpoints)
     model, palette = load_model(ckpt, device)
@@ -297,12 +303,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         "palette_size": k, "class_names": meta.get("class_names"),
         "model": {"preset": cfg.preset, "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd, "n_head": mcfg.n_head,
                   "params": model.num_params()},
-        "steps": steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
-        "tokens_seen": steps * cfg.batch_size * mcfg.seq_len,
+        "steps": done, "steps_planned": steps, "stopped_by_time_limit": done < steps,
+        "batch_size": cfg.batch_size, "lr": cfg.lr, "augment": cfg.augment,
+        "tokens_seen": done * cfg.batch_size * mcfg.seq_len,
         "tokens_per_s": statistics.median(tps) if tps else None,
         "plan": plan, "device": str(device), "torch": torch.__version__,
         "completions_keep_top_half": top_kept, "completion_rows_given": rows_known,
-        "commands": commands(cfg, out, prep, steps),
+        "commands": commands(cfg, out, prep, steps, done),
         "files": {"report": REPORT, "loss_curve_data": "run/metrics.jsonl", "probe": "probe/probe.json",
                   "completions": "completions.png", "samples": "samples.png", "model": "model"},
     }

@@ -181,6 +181,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
     T = mcfg.seq_len
     losses, vals, last = {}, {}, None
     t0, tok0 = time.perf_counter(), 0
+    began = time.monotonic()
     try:
         for step in range(start, end):
             n = step + 1  # optimizer steps done after this one
@@ -206,6 +207,13 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             opt.zero_grad(set_to_none=True)
             losses[n] = loss_val
             tok0 += cfg.batch_size * T
+            if cfg.time_limit is not None and n < end:  # every rank stops at the same step
+                over = torch.tensor(float(time.monotonic() - began >= cfg.time_limit), device=device)
+                if D.all_reduce_sum(over).item() > 0:
+                    end = n
+                    if info.is_main:
+                        print(f"time limit of {cfg.time_limit:g} s reached: stopping at step {n} of {cfg.steps}",
+                              flush=True)
             if log is not None:
                 log.advance()
             if n % cfg.log_every == 0 or n == end:
@@ -230,10 +238,12 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                 if log is not None:
                     log.plot()
                 t0 = time.perf_counter()  # throughput counts training time only
+            if n == end:
+                break
     finally:
         if log is not None:
             log.close()
-    return {"losses": losses, "val": vals, "model": model, "checkpoint": last}
+    return {"losses": losses, "val": vals, "model": model, "checkpoint": last, "step": max(start, end)}
 
 
 def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root) -> Path:

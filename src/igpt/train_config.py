@@ -9,7 +9,7 @@ from igpt.model import MODES
 
 DTYPES = ("auto", "fp32", "bf16")
 # Settings a resumed run may change (bookkeeping only): everything else must match the saved run.
-RESUMABLE_CHANGES = ("out", "resume", "stop_at", "log_every", "save_every", "eval_every", "keep", "progress",
+RESUMABLE_CHANGES = ("out", "resume", "stop_at", "time_limit", "log_every", "save_every", "eval_every", "keep", "progress",
                      "compile", "device", "fsdp")
 
 
@@ -44,6 +44,9 @@ class TrainConfig:
     keep: int = 3  # checkpoints kept (the newest ones)
     resume: str | None = None  # 'auto' (newest complete checkpoint in out/checkpoints, if any) or a path
     stop_at: int | None = None  # stop after this step as if interrupted (checkpointing first); for tests
+    # stop (checkpointing first) after the step during which this many seconds of the loop have passed; the
+    # schedule stays that of `steps` (a wall-time guard, e.g. for the demo's budget)
+    time_limit: float | None = None
     progress: bool | None = None  # progress bar; None: when stderr is a terminal
 
     def __post_init__(self) -> None:
@@ -58,6 +61,8 @@ class TrainConfig:
             _positive("micro_batch_size", self.micro_batch_size)
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise IgptError(f"train config: stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
+        if self.time_limit is not None and (isinstance(self.time_limit, bool) or not self.time_limit > 0):
+            raise IgptError(f"train config: time_limit must be a number of seconds > 0, got {self.time_limit!r}")
         if self.objective not in MODES:
             raise IgptError(f"train config: objective must be one of {MODES}, got {self.objective!r}")
         if self.dtype not in DTYPES:
