@@ -161,3 +161,7 @@ def test_time_limit_stops_with_a_checkpoint_keeps_the_schedule_and_resumes(shard
     assert [r["lr"] for r in rows if "lr" in r] == [pytest.approx(T.lr_at(0, 3e-3, 2, 6))]
     res = train(tiny(shards, tmp_path / "run", time_limit=3600.0, resume="auto"))
     assert res["step"] == 6 and sorted(res["losses"]) == [2, 3, 4, 5, 6]
+    # run again when already at the end (e.g. a script killed after training): nothing trains, and the
+    # checkpoint it resumed from is returned (it was None, which broke bench/quality.py's rerun)
+    res = train(tiny(shards, tmp_path / "run", resume="auto"))
+    assert res["losses"] == {} and res["step"] == 6 and res["checkpoint"].name == "step-000006"

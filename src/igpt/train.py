@@ -179,7 +179,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         log = RunLog(out, start, cfg.steps, cfg.progress)
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     T = mcfg.seq_len
-    losses, vals, last = {}, {}, None
+    losses, vals, last = {}, {}, resume  # a run already at its end returns the checkpoint it resumed from
     t0, tok0 = time.perf_counter(), 0
     began = time.monotonic()
     try:
