@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from igpt.errors import IgptError
-from igpt.logreg import Standardizer, fit_logreg, objective, sweep
+from igpt.logreg import Standardizer, fit_logreg, loss_and_grads, objective, sweep
 
 
 def blobs(n=600, d=12, k=4, noise=2.0, seed=0):
@@ -34,6 +34,20 @@ def test_agrees_with_sklearn(C):
     # softmax is shift-invariant in the bias; compare centred biases
     b = ours.b.numpy()
     assert np.abs((b - b.mean()) - (ref.intercept_ - ref.intercept_.mean())).max() < 1e-4
+
+
+def test_closed_form_gradients_equal_autograd_of_the_objective():
+    X, y = blobs(n=300, d=7, k=5, seed=2)
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(5, 7, generator=g, dtype=torch.float64) * 3).requires_grad_(True)  # large logits: stability
+    b = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_(True)
+    Xt, yt = torch.tensor(X), torch.tensor(y)
+    ref = objective(W, b, Xt, yt, 0.7)
+    ref.backward()
+    Y = torch.nn.functional.one_hot(yt, 5).T.to(torch.float64)
+    loss, dW, db = loss_and_grads(W.detach(), b.detach(), Xt.T, yt, Y, 0.7)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    assert torch.allclose(dW, W.grad, rtol=1e-10, atol=1e-12) and torch.allclose(db, b.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_float32_default_matches_sklearn_accuracy():
@@ -85,3 +99,14 @@ def test_bad_inputs_are_user_errors():
         fit_logreg(np.zeros((2, 2)), np.zeros(2), 0.0)
     with pytest.raises(IgptError, match="need X"):
         fit_logreg(np.zeros((2, 2)), np.zeros(3), 1.0)
+
+
+@pytest.mark.gpu
+def test_cuda_fit_matches_cpu_fit():
+    X, y = blobs(n=2000, d=40, k=6, seed=5)
+    Z = Standardizer.fit(X)(X)
+    cpu = fit_logreg(Z, y, 0.3, 6, dtype=torch.float64, tol=1e-9, device="cpu")
+    gpu = fit_logreg(Z, y, 0.3, 6, dtype=torch.float64, tol=1e-9, device="cuda")
+    assert gpu.W.device.type == "cuda"
+    assert np.abs(gpu.W.cpu().numpy() - cpu.W.numpy()).max() < 1e-5
+    assert gpu.accuracy(Z, y) == cpu.accuracy(Z, y)
