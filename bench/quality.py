@@ -8,8 +8,10 @@ Stages (each the library's own entry point):
    grey palette; the shards keep the images before quantization at n_px and at the native 28x28 for the
    raw-pixel baselines. An existing OUT/shards made with the same settings is reused.
 2. one training step is measured (igpt.demo.step_seconds) and the step count set so that pretraining fits
-   --minutes (with the train loop's overhead); --steps fixes it instead. ``igpt train`` resumes from
-   OUT/run when a previous attempt was interrupted.
+   --minutes (with the train loop's overhead); --steps fixes it instead. With --minutes the loop also stops
+   (checkpointing) once it has run that long (TrainConfig.time_limit; the schedule stays that of the planned
+   steps). ``igpt train`` resumes from OUT/run when a previous attempt was interrupted (a resumed attempt gets
+   the whole --minutes again).
 3. test NLL (bits per token); 4. ``igpt probe``: every layer, layer and C chosen on val, test accuracy of the
    refit on train + val, the raw-pixel baselines (n_px and native), and the low-data protocol (10 labels per
    class, 5 seeds, the same draws for the baselines).
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--augment", action="store_true", help="random crop + flip during pretraining")
+    p.add_argument("--compile", action="store_true", help="torch.compile each block (pays off on a GPU)")
+    p.add_argument("--eval-images", type=int, default=1000, help="val images per validation during pretraining")
+    p.add_argument("--probe-batch-size", type=int, default=64, help="images per feature-extraction pass")
     p.add_argument("--labels-per-class", default="10", help="low-data K values, comma-separated")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                          if v is not None}
             mcfg = get_preset(args.preset, n_px=shards.n_px, palette_size=shards.palette.k, **overrides)
             device = pick_device(None, get_dist_info())
-            step_s, _ = step_seconds(mcfg, args.batch_size, args.lr, device)
+            step_s, _ = step_seconds(mcfg, args.batch_size, args.lr, device, compile=args.compile)
             steps = args.steps or max(1, int(args.minutes * 60 / (LOOP_OVERHEAD * step_s)))
             saved = out / "run" / "config.json"
             resumed = any((out / "run" / "checkpoints").glob("step-*"))
@@ -122,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                 steps = int(read_json(saved)["train"]["steps"])
             tcfg = TrainConfig(data=str(shards_dir), preset=args.preset, model_overrides=overrides, out=str(out / "run"),
                                steps=steps, batch_size=args.batch_size, lr=args.lr, warmup=max(1, steps // 20),
-                               augment=args.augment, eval_every=max(1, steps // 10), eval_images=1000,
-                               save_every=max(1, steps // 20), keep=2, seed=args.seed, resume="auto")
+                               augment=args.augment, eval_every=max(1, steps // 10), eval_images=args.eval_images,
+                               save_every=max(1, steps // 20), keep=2, seed=args.seed, resume="auto",
+                               compile=args.compile, time_limit=None if args.steps else args.minutes * 60)
             t = time.perf_counter()
             res = train(tcfg)
             t_train = time.perf_counter() - t
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             ks = tuple(int(k) for k in args.labels_per_class.split(","))
             pres = run_probe(ProbeConfig(checkpoint=str(ckpt), data=str(shards_dir), out=str(out / "probe"),
-                                         labels_per_class=ks, seeds=args.seeds, cache=True))
+                                         labels_per_class=ks, seeds=args.seeds, cache=True,
+                                         batch_size=args.probe_batch_size))
             t_probe = time.perf_counter() - t
     except IgptError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -150,12 +157,13 @@ def main(argv: list[str] | None = None) -> int:
             "data": args.data, "counts": shards.meta["counts"], "n_px": shards.n_px, "palette_size": shards.palette.k,
             "model": {"preset": args.preset, **overrides, "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd,
                       "n_head": mcfg.n_head, "params": model.num_params()},
-            "steps": steps, "batch_size": args.batch_size, "lr": args.lr, "augment": args.augment,
-            "images_seen": steps * args.batch_size,
-            "epochs": steps * args.batch_size / shards.meta["counts"]["train"],
+            "steps": res["step"], "steps_planned": steps, "batch_size": args.batch_size, "lr": args.lr, "augment": args.augment,
+            "stopped_by_time_limit": res["step"] < steps, "images_seen": res["step"] * args.batch_size, "compile": args.compile,
+            "epochs": res["step"] * args.batch_size / shards.meta["counts"]["train"],
             "budget_minutes": None if args.steps else args.minutes, "measured_step_s": step_s,
             "train_seconds": t_train, "tokens_per_s_median": tps[len(tps) // 2] if tps else None,
-            "device": str(device), "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
+            "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "resumed": resumed,
         },
         "test_bits_per_token": test_nats / math.log(2), "test_nats_per_token": test_nats,

@@ -95,3 +95,22 @@ def test_attention_bench_prints_every_case_and_implementation():
         ms = res[case]["fwd_bwd_ms"]
         assert set(ms) == {"igpt", "flash", "matmul_masked_fill"} and all(v > 0 for v in ms.values())
         assert res[case]["igpt_over_flash"] == pytest.approx(ms["flash"] / ms["igpt"])
+
+
+@pytest.mark.slow
+def test_gpu_suite_runs_end_to_end(tmp_path):
+    """bench/gpu.py's smoke mode (CPU, tiny model): every part reports both sides; the numbers on a GPU come
+    from the same code."""
+    out = tmp_path / "gpu.json"
+    r = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--device", "cpu", "--preset", "tiny", "--quick",
+                        "--steps", "2", "--repeats", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res == json.loads(out.read_text())
+    assert res["matmul_peak"]["bf16_tflops"] > 0 and res["matmul_peak"]["tf32_tflops"] > 0
+    impls = {(row["impl"], row["batch"], row["dtype"]) for row in res["train"] if row.get("tokens_per_s", 0) > 0}
+    assert {("igpt", 2, "bf16"), ("transformers", 2, "bf16"), ("igpt", 2, "fp32_tf32"), ("igpt", 4, "bf16")} <= impls
+    assert res["train_ratio_bf16"]["ratio"] > 0 and 0 < res["best_mfu"]["mfu"]
+    (s,) = res["sample"]
+    assert s["sampled_tokens"] == s["known_tokens"] == 32 and s["ratio"] > 0
+    assert s["igpt"]["images_s"] > 0 and s["transformers"]["images_s"] > 0

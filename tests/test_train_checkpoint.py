@@ -101,3 +101,20 @@ def test_a_fresh_run_never_mixes_with_an_old_one(shards, tmp_path):
     train(tiny(shards, tmp_path / "run", steps=2))
     with pytest.raises(IgptError, match="already holds a run with checkpoints; continue it with --resume auto"):
         train(tiny(shards, tmp_path / "run", steps=2))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_compiled_training_learns_and_resumes(shards, tmp_path):
+    """The GPU path of `igpt train --compile`: bf16 autocast, compiled blocks, fused AdamW; a run stopped at
+    step 4 and resumed follows the uninterrupted one (to GPU kernels' run-to-run rounding)."""
+    kw = dict(steps=8, batch_size=16, warmup=1, lr=3e-3, device="cuda", dtype="bf16", compile=True, save_every=4)
+    a = train(tiny(shards, tmp_path / "a", **kw))
+    train(tiny(shards, tmp_path / "b", stop_at=4, **kw))
+    b = train(tiny(shards, tmp_path / "b", resume="auto", **kw))
+    assert sorted(b["losses"]) == [5, 6, 7, 8]
+    assert all(b["losses"][n] == pytest.approx(a["losses"][n], rel=2e-2) for n in b["losses"])
+    assert max(a["losses"][n] for n in (7, 8)) < a["losses"][1]
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["device"] == "cuda"
+    model, _ = load_model(a["checkpoint"])  # loads on the CPU
+    assert next(model.parameters()).device.type == "cpu"

@@ -79,17 +79,20 @@ def _say(stage: int, text: str) -> None:
     print(f"[{stage}/{STAGES}] {text}", flush=True)
 
 
-def step_seconds(mcfg, batch_size: int, lr: float, device: torch.device, repeats: int = 7) -> tuple[float, float]:
+def step_seconds(mcfg, batch_size: int, lr: float, device: torch.device, repeats: int = 7,
+                 compile: bool = False) -> tuple[float, float]:
     """Measured seconds of one training step (forward + backward + AdamW, in the train loop's dtype) and of
     one inference forward pass over ``batch_size`` images, on a throw-away model of the run's shape: the
     median of ``repeats`` after a warm-up (one slow repeat on a shared machine would cost the run steps, one
     fast one would buy steps the loop cannot run: the minimum of 5 once planned 47 ms for a 58 ms loop step;
-    TRAIN_OVERHEAD covers the loop's extra cost)."""
+    TRAIN_OVERHEAD covers the loop's extra cost). ``compile``: blocks compiled as ``igpt train --compile``
+    does (the warm-up step then pays the compilation)."""
+    from igpt.distributed import wrap_model
     from igpt.model import ImageGPT
     from igpt.train import micro_loss, pick_dtype
 
     dtype = pick_dtype("auto", device)
-    model = ImageGPT(mcfg).to(device)
+    model = wrap_model(ImageGPT(mcfg).to(device), device, compile=compile)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     x = torch.randint(0, mcfg.palette_size, (batch_size, mcfg.seq_len), device=device)
 

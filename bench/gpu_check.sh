@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every GPU check of the project in one call (one CUDA machine, about 9 minutes): the GPU tests, issue 5's
+# quality benchmark with a GPU recipe, and issue 7's GPU suite on igpt-s. Each part has its own time limit
+# and writes into OUTDIR as it goes, so one part's failure leaves the others' results.
+#   bash bench/gpu_check.sh OUTDIR [DATA_DIR]      # DATA_DIR holds fashion-mnist/ (default ../shared/data)
+# Environment: PY (python3), QUALITY_MINUTES (2.5), QUALITY_TIMEOUT (290), BENCH_TIMEOUT (200).
+set -u
+out=${1:?usage: bash bench/gpu_check.sh OUTDIR [DATA_DIR]}
+data=${2:-../shared/data}
+PY=${PY:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$out"
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  $PY -c "import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)"
+  echo "== pytest -m gpu"
+  timeout 90 $PY -m pytest -q -m gpu -p no:cacheprovider $(grep -l "mark.gpu" tests/test_*.py)
+  echo "pytest exit $?"
+} >"$out/pytest.log" 2>&1
+tail -4 "$out/pytest.log"
+
+q=runs/gpu_quality
+timeout "${QUALITY_TIMEOUT:-290}" $PY bench/quality.py --data-dir "$data" --out "$q" --minutes "${QUALITY_MINUTES:-2.5}" \
+  --n-px 16 --palette-size 16 --preset cpu-small --n-layer 8 --n-embd 512 --n-head 8 --batch-size 128 --lr 1e-3 \
+  --augment --eval-images 2000 --probe-batch-size 1024 >"$out/quality.json" 2>"$out/quality.err"
+echo "quality exit $?"
+cp "$q/probe/probe.png" "$q/run/loss.png" "$q/run/metrics.jsonl" "$out/" 2>/dev/null
+tail -2 "$out/quality.err"
+
+timeout "${BENCH_TIMEOUT:-200}" $PY bench/gpu.py --out "$out/gpu.json" 2>"$out/gpu.err" >/dev/null
+echo "gpu bench exit $?"
+grep '^#' "$out/gpu.err" | cut -c1-230
