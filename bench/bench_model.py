@@ -53,7 +53,11 @@ def train_worker(impl: str, name: str, steps: int, dtype: str) -> dict:
     base = rss_mb()
     n_px, d, L, H, B = TRAIN[name]
     torch.manual_seed(0)
-    model = (our_model if impl == "ours" else hf_model)(n_px, d, L, H).train()
+    model = (hf_model if impl == "reference" else our_model)(n_px, d, L, H).train()
+    if impl == "ours-compiled":  # as `igpt train --compile`: torch.compile per block
+        from igpt.distributed import wrap_model
+
+        model = wrap_model(model, torch.device("cpu"), compile=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, PALETTE, (B, n_px * n_px))
     inp = ar_inputs(x, PALETTE)
@@ -61,7 +65,7 @@ def train_worker(impl: str, name: str, steps: int, dtype: str) -> dict:
 
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if impl == "ours":
+            if impl != "reference":
                 loss = ar_loss(model(inp), x)
             else:
                 loss = F.cross_entropy(model(inp).logits.flatten(0, 1), x.flatten())
@@ -70,6 +74,8 @@ def train_worker(impl: str, name: str, steps: int, dtype: str) -> dict:
         opt.step()
 
     step()
+    if impl == "ours-compiled":
+        step()  # compilation may take more than the first step
     times = []
     for _ in range(steps):
         t = time.perf_counter()
@@ -79,13 +85,16 @@ def train_worker(impl: str, name: str, steps: int, dtype: str) -> dict:
             "import_rss_mb": base}
 
 
-def train_case(name: str, dtype: str, repeats: int, steps: int, peak_gflops: float | None) -> dict:
-    """One training case: ours and the reference in alternating subprocesses; ratio = ours / reference tok/s."""
+def train_case(name: str, dtype: str, repeats: int, steps: int, peak_gflops: float | None,
+               compile: bool = False) -> dict:
+    """One training case: ours and the reference in alternating subprocesses; ratio = ours / reference tok/s.
+    ``compile``: ours runs with torch.compile per block (``igpt train --compile``); the reference as always."""
     runs = {"ours": [], "reference": []}
     for r in range(repeats):
         for impl in ab_order(r):
+            worker = "ours-compiled" if impl == "ours" and compile else impl
             with Contention() as c:
-                res = subprocess.run([sys.executable, RUN, "--worker", impl, name, str(steps), dtype],
+                res = subprocess.run([sys.executable, RUN, "--worker", worker, name, str(steps), dtype],
                                      capture_output=True, text=True)
             if res.returncode:
                 raise RuntimeError(f"train worker {impl} {name} {dtype} failed: {res.stderr.strip()[-2000:]}")
@@ -97,7 +106,7 @@ def train_case(name: str, dtype: str, repeats: int, steps: int, peak_gflops: flo
     n_px, d, L, H, B = TRAIN[name]
     fpt, N = flops_per_token(our_model(n_px, d, L, H))
     out = {"shape": dict(n_px=n_px, n_embd=d, n_layer=L, n_head=H, batch=B, seq_len=n_px * n_px), "dtype": dtype,
-           "steps_per_run": steps, "runs": repeats}
+           "steps_per_run": steps, "runs": repeats, "ours_compiled": compile}
     for impl, recs in runs.items():
         tok_s = median(r["tok_s"] for r in recs)
         out[impl] = {

@@ -42,7 +42,7 @@ TRAIN_CASES = {"train_s32": ("s32", "fp32"), "train_t16": ("t16", "fp32"), "trai
 SAMPLE_CASES = {"sample_t16_b8": ("t16", 8, 8), "sample_t16_b64": ("t16", 8, 64), "sample_s32_b8": ("s32", 0, 8)}
 
 
-def run_case(name: str, quick: bool, peak: dict | None) -> dict:
+def run_case(name: str, quick: bool, peak: dict | None, compile: bool = False) -> dict:
     repeats = 1 if quick else 3
     if name == "matmul_peak":
         from bench_matmul import matmul_peak
@@ -51,7 +51,7 @@ def run_case(name: str, quick: bool, peak: dict | None) -> dict:
     if name in TRAIN_CASES:
         cfg, dtype = TRAIN_CASES[name]
         steps = 2 if quick else bm.STEPS[cfg]
-        return bm.train_case(cfg, dtype, repeats, steps, peak[dtype]["gflops"] if peak else None)
+        return bm.train_case(cfg, dtype, repeats, steps, peak[dtype]["gflops"] if peak else None, compile)
     if name in SAMPLE_CASES:
         cfg, rows, batch = SAMPLE_CASES[name]
         return bm.sample_case(cfg, rows, batch, repeats)
@@ -68,14 +68,14 @@ def run_case(name: str, quick: bool, peak: dict | None) -> dict:
     return probe_fit_case(quick)
 
 
-def run(names: list[str], quick: bool) -> dict:
+def run(names: list[str], quick: bool, compile: bool = False) -> dict:
     import torch
     import transformers
 
     res = {"machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                        "transformers": transformers.__version__, "python": platform.python_version(),
                        "cpu": cpu_name()},
-           "quick": quick, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "quick": quick, "compile": compile, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     t0, peak = time.perf_counter(), None
     if "matmul_peak" in names or any(n in TRAIN_CASES for n in names):  # MFU needs the peak of the same run
         peak = res["matmul_peak"] = run_case("matmul_peak", quick, None)
@@ -83,7 +83,7 @@ def run(names: list[str], quick: bool) -> dict:
         if name != "matmul_peak":
             print(f"# {name} ...", file=sys.stderr)
             try:
-                res[name] = run_case(name, quick, peak)
+                res[name] = run_case(name, quick, peak, compile)
             except Exception as e:  # one failing case must not lose the rest of a long run
                 res[name] = {"error": f"{type(e).__name__}: {e}"[-2000:]}
                 print(f"# {name} failed: {res[name]['error']}", file=sys.stderr)
@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--worker", nargs=4, metavar=("IMPL", "CONFIG", "STEPS", "DTYPE"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="1 round, 2 training steps, smaller data")
     ap.add_argument("--only", help=f"comma-separated cases out of {', '.join(CASES)}")
+    ap.add_argument("--compile", action="store_true",
+                    help="training cases: ours with torch.compile per block (igpt train --compile)")
     ap.add_argument("--markdown", metavar="JSON", help="print the README table of a saved result and exit")
     a = ap.parse_args()
     if a.worker:
@@ -122,7 +124,7 @@ def main() -> None:
     bad = [n for n in names if n not in CASES]
     if bad:
         ap.error(f"--only: unknown case(s) {bad}; choose from {', '.join(CASES)}")
-    print(json.dumps(run(names, a.quick), indent=2))
+    print(json.dumps(run(names, a.quick, a.compile), indent=2))
 
 
 if __name__ == "__main__":

@@ -114,3 +114,13 @@ def test_gpu_suite_runs_end_to_end(tmp_path):
     (s,) = res["sample"]
     assert s["sampled_tokens"] == s["known_tokens"] == 32 and s["ratio"] > 0
     assert s["igpt"]["images_s"] > 0 and s["transformers"]["images_s"] > 0
+
+
+@pytest.mark.slow
+def test_run_compile_runs_ours_compiled_and_the_reference_as_is():
+    r = _run("--quick", "--only", "train_t16", "--compile")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    case = res["train_t16"]
+    assert res["compile"] is True and case["ours_compiled"] is True
+    assert case["ours"]["tok_s"] > 0 and case["reference"]["tok_s"] > 0 and case["ratio"] > 0
