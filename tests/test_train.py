@@ -165,3 +165,15 @@ def test_time_limit_stops_with_a_checkpoint_keeps_the_schedule_and_resumes(shard
     # checkpoint it resumed from is returned (it was None, which broke bench/quality.py's rerun)
     res = train(tiny(shards, tmp_path / "run", resume="auto"))
     assert res["losses"] == {} and res["step"] == 6 and res["checkpoint"].name == "step-000006"
+
+
+def test_a_new_run_removes_what_a_killed_write_left_and_nothing_else(shards, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = [out / ".config.json.k1l2.tmp", out / ".loss.png.a9b8.tmp", out / ".metrics.jsonl.zz.tmp"]
+    kept = [out / ".notes.txt.x.tmp", out / "config.json.tmp", out / "mine.tmp"]
+    for p in stale + kept:
+        p.write_text("half")
+    train(tiny(shards, out, steps=2, save_every=2))
+    assert not any(p.exists() for p in stale) and all(p.read_text() == "half" for p in kept)
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 2

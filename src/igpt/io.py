@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -51,6 +52,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:
+    """Delete the temporaries ``atomic_write_bytes`` leaves beside each of ``names`` in ``folder`` when a
+    process is killed between writing and renaming (".config.json.<random>.tmp"); nothing else. Call it only
+    while no other process writes there. Returns what was removed."""
+    folder = Path(folder)
+    gone = []
+    for name in names:
+        for junk in folder.glob(f".{glob.escape(name)}.*.tmp"):
+            if junk.is_file():
+                junk.unlink(missing_ok=True)
+                gone.append(junk)
+    return gone
 
 
 @contextmanager

@@ -20,14 +20,14 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from igpt import __version__
 from igpt import distributed as D
 from igpt.errors import IgptError
-from igpt.io import atomic_write_bytes, check_replaceable
+from igpt.io import atomic_write_bytes, check_replaceable, remove_stale_temporaries
 from igpt.loader import BatchStream
 from igpt.model import ImageGPT, ImageGPTConfig, ar_inputs, ar_loss, bert_loss
 from igpt.prepare import load_shards
 from igpt.presets import get_preset
 from igpt.schedule import lr_at
 from igpt.train_config import TrainConfig, changed_fields
-from igpt.train_log import RunLog, bits
+from igpt.train_log import METRICS, PLOT, RunLog, bits
 from igpt.train_state import (
     latest_checkpoint,
     load_train_checkpoint,
@@ -175,6 +175,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
     log = None
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out, (CONFIG_FILE, METRICS, PLOT))  # from a process killed mid-write
         resolved = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "world_size": info.world_size,
                     "micro_batch_size": micro, "accumulation": accum, "dtype": str(dtype).removeprefix("torch."),
                     "device": device.type, "igpt_version": __version__, "shards": shards.meta}
