@@ -58,14 +58,18 @@ def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:
     """Delete the temporaries ``atomic_write_bytes`` leaves beside each of ``names`` in ``folder`` when a
     process is killed between writing and renaming (".config.json.<random>.tmp"); nothing else. Call it only
     while no other process writes there. Returns what was removed."""
-    folder = Path(folder)
     gone = []
     for name in names:
-        for junk in folder.glob(f".{glob.escape(name)}.*.tmp"):
+        for junk in _temporaries(Path(folder), name):
             if junk.is_file():
                 junk.unlink(missing_ok=True)
                 gone.append(junk)
     return gone
+
+
+def _temporaries(folder: Path, name: str):
+    """The temporaries atomic_write_bytes makes beside ``folder / name``: '.NAME.<random>.tmp'."""
+    return folder.glob(f".{glob.escape(name)}.*.tmp")
 
 
 @contextmanager
@@ -109,7 +113,7 @@ def check_replaceable(path: Path, markers: tuple[str, ...]) -> None:
     entries = list(path.iterdir())
     # a marker, or the temporary of one that atomic_write_bytes left when killed before its rename (the
     # first write of a run): both mean the directory is ours
-    ours = any((path / m).is_file() or any(path.glob(f".{m}.*.tmp")) for m in markers)
+    ours = any((path / m).is_file() or any(_temporaries(path, m)) for m in markers)
     if entries and not ours:
         raise IgptError(f"{path} is a non-empty directory that igpt did not write; refusing to replace it")
 

@@ -140,8 +140,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, d
             and k.shape == v.shape == q.shape):
         kt = k.reshape(B * H, T, hd).transpose(1, 2)
         if causal:  # scale and mask inside the matmul (baddbmm): no separate passes over the (T, T) scores
-            bias = (torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-                    if torch.compiler.is_compiling() else causal_bias(T, q.dtype, q.device))  # a graph constant
+            # while compiling, the uncached function: dynamo traces it into the graph (it warns on lru_cache)
+            make = causal_bias.__wrapped__ if torch.compiler.is_compiling() else causal_bias
+            bias = make(T, q.dtype, q.device)
             s = torch.baddbmm(bias, q.reshape(B * H, T, hd), kt, alpha=hd**-0.5)
         else:
             s = torch.bmm(q.reshape(B * H, T, hd), kt).mul_(hd**-0.5)
