@@ -63,6 +63,9 @@ def test_demo_writes_every_artefact_with_real_numbers(demo_run, capsys):
     assert "before quantization" in s["baseline_input"]
     probe = json.loads((out / "probe" / "probe.json").read_text())
     assert probe["test_accuracy"] == s["probe_test_accuracy"] and probe["best_layer"] == s["best_layer"]
+    # the concatenated-layers probe: layers best-2 .. best+2 that exist (0..2 here), its own numbers
+    assert s["concat_layers"] == [i for i in range(s["best_layer"] - 2, s["best_layer"] + 3) if 0 <= i <= 2]
+    assert probe["concat"]["test_accuracy"] == s["concat_probe_test_accuracy"] > 0.2
     rows = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in r for r in rows) and rows[-1]["step"] == s["steps"]
     comp = _png(out / "completions.png")
@@ -83,6 +86,7 @@ def test_report_holds_the_numbers_images_and_commands(demo_run):
         Image.open(io.BytesIO(base64.b64decode(data))).load()  # each embedded image decodes
     assert f"{100 * s['probe_test_accuracy']:.1f}%" in page
     assert f"{100 * s['baseline_test_accuracy']:.1f}%" in page
+    assert f"{100 * s['concat_probe_test_accuracy']:.1f}%" in page
     assert f"{s['val_bits_per_token']:.3f} bits per token" in page
     assert page.count('class="sw"') == s["palette_size"]
     for cmd in s["commands"]:

@@ -51,6 +51,16 @@ def torchrun(cfg: TrainConfig, result: Path) -> list[dict]:
              load_file(result / f"rank{i}.safetensors")) for i in (0, 1)]
 
 
+def param_gap(a: torch.Tensor, b: torch.Tensor, name: str) -> float:
+    """max |a - b|, leaving out the key third of an attention c_attn.bias: adding a constant to every key score of
+    a query does not change its softmax, so that bias's gradient is 0 in exact arithmetic and Adam's normalised
+    update of it is rounding noise, which differs with the order of the gradient reduction (1 vs 2 ranks)."""
+    d = (a - b).abs()
+    if name.endswith("attn.c_attn.bias"):
+        d = torch.cat([t for i, t in enumerate(d.chunk(3)) if i != 1])
+    return d.max().item()
+
+
 def close(a: dict, b: dict, steps) -> float:
     return max(abs(a[s] - b[s]) for s in steps)
 
@@ -63,8 +73,8 @@ def test_two_ranks_match_one_and_checkpoints_move_between_them(shards, single, t
     assert l0 == l1 and sorted(l0) == list(range(1, 21)), (l0, l1)
     assert close(l0, one_losses, range(1, 21)) <= 1e-5, (l0, one_losses)
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
-    assert max((p0[k] - one_params[k]).abs().max().item() for k in p0) <= 1e-5, {
-        k: (p0[k] - one_params[k]).abs().max().item() for k in p0}
+    diff = {k: param_gap(p0[k], one_params[k], k) for k in p0}
+    assert max(diff.values()) <= 1e-5, diff
     # saved by 2 ranks at step 10 -> resumed by 1
     res = train(config(shards, tmp_path / "two-to-one", resume=str(tmp_path / "two" / "checkpoints" / "step-000010")))
     assert sorted(res["losses"]) == list(range(11, 21)) and close(res["losses"], one_losses, range(11, 21)) <= 1e-5, (
@@ -74,8 +84,8 @@ def test_two_ranks_match_one_and_checkpoints_move_between_them(shards, single, t
                                          resume=str(one_out / "checkpoints" / "step-000010")), tmp_path / "res12")
     assert sorted(l0) == list(range(11, 21)) and close(l0, one_losses, range(11, 21)) <= 1e-5, (l0, one_losses)
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
-    assert max((p0[k] - one_params[k]).abs().max().item() for k in p0) <= 1e-5, {
-        k: (p0[k] - one_params[k]).abs().max().item() for k in p0}
+    diff = {k: param_gap(p0[k], one_params[k], k) for k in p0}
+    assert max(diff.values()) <= 1e-5, diff
 
 
 def test_time_limit_stops_every_rank_at_the_same_step(shards, tmp_path):

@@ -242,6 +242,10 @@ def plot_png(res: dict) -> bytes:
     if "baseline_native_test_accuracy" in res:
         ax.axhline(100 * res["baseline_native_test_accuracy"], color="grey", ls=":",
                    label=f"raw pixels at {res['native_px']}x{res['native_px']} (test)")
+    if "concat" in res:
+        c = res["concat"]
+        ax.plot([res["best_layer"]], [100 * c["test_accuracy"]], "*", ms=12, color="C2",
+                label=f"layers {c['layers'][0]}-{c['layers'][-1]} concatenated (test)")
     ax.axvline(res["best_layer"], color="k", alpha=0.2)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")

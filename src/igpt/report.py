@@ -39,6 +39,9 @@ def render(s: dict, colours: np.ndarray, images: dict[str, bytes]) -> str:
         " Here the pretrained features do not beat raw pixels: after minutes of pretraining a small model has "
         "learnt mostly local pixel statistics, and mean pooling over positions discards the layout that raw "
         "pixels keep. The paper's probes beat pixels with far larger models trained for far longer.")
+    concat = "" if not s.get("concat_layers") else (
+        f" Concatenating the features of layers {s['concat_layers'][0]}-{s['concat_layers'][-1]} (the paper's trick) "
+        f"gives {_pct(s['concat_probe_test_accuracy'])}.")
     table = [
         ("data", f"{s['data']} ({s['source']})"),
         ("images", ", ".join(f"{k} {v:,}" for k, v in s["counts"].items())),
@@ -55,6 +58,8 @@ def render(s: dict, colours: np.ndarray, images: dict[str, bytes]) -> str:
         ("test NLL", f"{s['test_bits_per_token']:.4f} bits/token ({s['test_nats_per_token']:.4f} nats)"),
         ("best probe layer (chosen on val)", str(s["best_layer"])),
         ("probe test accuracy", _pct(s["probe_test_accuracy"])),
+        *([(f"layers {s['concat_layers'][0]}-{s['concat_layers'][-1]} concatenated (the paper's trick): probe test "
+            "accuracy", _pct(s["concat_probe_test_accuracy"]))] if s.get("concat_layers") else []),
         ("raw-pixel baseline test accuracy", _pct(s["baseline_test_accuracy"])
          + ("" if s.get("baseline_native_test_accuracy") is None else
             f" ({_pct(s['baseline_native_test_accuracy'])} at the source's {s['native_px']}x{s['native_px']})")),
@@ -83,7 +88,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 <p class="lead">A {m['params']:,}-parameter GPT trained for {s['steps']} steps to predict the next pixel reaches
 <b>{s['val_bits_per_token']:.3f} bits per token</b> on validation images. A linear probe on its layer {s['best_layer']}
 features classifies test images with <b class="{'good' if beat else 'bad'}">{_pct(s['probe_test_accuracy'])}</b>
-accuracy, against {_pct(s['baseline_test_accuracy'])} for the same classifier on raw pixels.{verdict}</p>
+accuracy, against {_pct(s['baseline_test_accuracy'])} for the same classifier on raw pixels.{verdict}{concat}</p>
 <div class="grid">
 <figure>{_img(images['loss'], 'loss curve')}<figcaption>Loss in bits per token: training batches and the
 validation split.</figcaption></figure>
