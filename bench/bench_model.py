@@ -1,6 +1,6 @@
 """Training and sampling: igpt's ImageGPT against transformers' ImageGPTForCausalImageModeling.
 
-Training: forward + backward + fused AdamW step (both sides), dropout 0 on both sides, same shapes, batch and dtype; loss =
+Training: forward + backward + fused AdamW step, dropout 0 on both sides, same shapes, batch and dtype; loss =
   cross-entropy over every pixel (ours through ``igpt.model.ar_loss``, as igpt's training loop computes it).
   s32: n_embd 256, 8 layers, 8 heads, 32x32 (T = 1024), batch 8;  t16: 128, 4 layers, 4 heads, 16x16, batch 32.
   bf16 = torch.autocast("cpu", torch.bfloat16) around forward and loss on both sides (fp32 master weights).
