@@ -159,6 +159,16 @@ def test_report_renders_in_a_headless_browser(demo_run, tmp_path):
         browser.quit()
 
 
+def test_report_calls_a_difference_within_one_standard_error_a_tie():
+    from igpt.report import noise_note
+
+    # 2,000 test images at 82.4%: one standard error is sqrt(0.824 * 0.176 / 2000) = 0.85 points
+    assert "within one standard error" in noise_note(0.825, 0.824, 2000)
+    assert "±0.9 points" in noise_note(0.818, 0.824, 2000)
+    assert noise_note(0.834, 0.824, 2000) == "" and noise_note(0.814, 0.824, 2000) == ""
+    assert noise_note(0.825, 0.824, 1_000_000) == ""  # a large test set resolves 0.1 points
+
+
 def test_plan_steps_fits_the_budget():
     from igpt.demo import RESERVE, TRAIN_OVERHEAD, plan_steps
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,16 @@ def swatches(colours: np.ndarray) -> str:
                    for i, (r, g, b) in enumerate(c.tolist()))
 
 
+def noise_note(probe: float, baseline: float, n_test: int) -> str:
+    """A sentence when probe and baseline accuracies differ by less than one standard error of an accuracy on
+    ``n_test`` images (sqrt(p (1 - p) / n)), else ''."""
+    se = math.sqrt(max(baseline * (1 - baseline), 1e-12) / max(n_test, 1))
+    if abs(probe - baseline) >= se:
+        return ""
+    return (f" The {100 * abs(probe - baseline):.1f}-point difference is within one standard error of an accuracy "
+            f"on {n_test:,} test images (±{100 * se:.1f} points): a tie, not a win or a loss.")
+
+
 def render(s: dict, colours: np.ndarray, images: dict[str, bytes]) -> str:
     e = html.escape
     beat = s["probe_test_accuracy"] > s["baseline_test_accuracy"]
@@ -39,6 +50,9 @@ def render(s: dict, colours: np.ndarray, images: dict[str, bytes]) -> str:
         " Here the pretrained features do not beat raw pixels: after minutes of pretraining a small model has "
         "learnt mostly local pixel statistics, and mean pooling over positions discards the layout that raw "
         "pixels keep. The paper's probes beat pixels with far larger models trained for far longer.")
+    tie = noise_note(s["probe_test_accuracy"], s["baseline_test_accuracy"], s["counts"]["test"])
+    verdict += tie
+    tone = "" if tie else ("good" if beat else "bad")
     concat = "" if not s.get("concat_layers") else (
         f" Concatenating the features of layers {s['concat_layers'][0]}-{s['concat_layers'][-1]} (the paper's trick) "
         f"gives {_pct(s['concat_probe_test_accuracy'])}.")
@@ -87,7 +101,7 @@ pre {{ background: #f6f6f6; padding: 1em; overflow-x: auto; }}
 <h1>Image GPT on {e(s['data'])}</h1>
 <p class="lead">A {m['params']:,}-parameter GPT trained for {s['steps']} steps to predict the next pixel reaches
 <b>{s['val_bits_per_token']:.3f} bits per token</b> on validation images. A linear probe on its layer {s['best_layer']}
-features classifies test images with <b class="{'good' if beat else 'bad'}">{_pct(s['probe_test_accuracy'])}</b>
+features classifies test images with <b class="{tone}">{_pct(s['probe_test_accuracy'])}</b>
 accuracy, against {_pct(s['baseline_test_accuracy'])} for the same classifier on raw pixels.{verdict}{concat}</p>
 <div class="grid">
 <figure>{_img(images['loss'], 'loss curve')}<figcaption>Loss in bits per token: training batches and the
