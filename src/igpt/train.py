@@ -153,7 +153,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
     wrapped = D.wrap_model(model, device, fsdp=cfg.fsdp, compile=cfg.compile)
     # the fused update (one kernel over all parameters; measured 2-5% faster CPU training steps at the demo's
     # and t16's shapes than the per-parameter loop); not under FSDP2's sharded DTensor parameters
-    fused = fused_adamw(device, sharded=cfg.fsdp and D.get_dist_info().distributed)
+    fused = fused_adamw(device, sharded=cfg.fsdp and info.distributed)
     opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                             fused=fused)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -208,7 +208,11 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                     loss = micro_loss(wrapped, pixels[sl], None if mask is None else mask[sl].to(device), mcfg)
                 (loss / accum).backward()
                 total += loss.detach() / accum
-            loss_val = D.all_reduce_sum(total).item() / D.get_dist_info().world_size  # global batch mean
+            # one collective per step: the loss and whether any rank has run past the time limit (so that every
+            # rank stops at the same step)
+            late = cfg.time_limit is not None and n < end and time.monotonic() - began >= cfg.time_limit
+            loss_sum, n_late = D.all_reduce_sum(torch.stack([total, total.new_tensor(float(late))])).tolist()
+            loss_val = loss_sum / info.world_size  # global batch mean
             if not torch.isfinite(torch.tensor(loss_val)):
                 raise IgptError(f"non-finite loss ({loss_val}) at step {n}; stopped before the optimizer step "
                                 f"(the latest checkpoint is the last good one)")
@@ -217,13 +221,11 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             opt.zero_grad(set_to_none=True)
             losses[n] = loss_val
             tok0 += cfg.batch_size * T
-            if cfg.time_limit is not None and n < end:  # every rank stops at the same step
-                over = torch.tensor(float(time.monotonic() - began >= cfg.time_limit), device=device)
-                if D.all_reduce_sum(over).item() > 0:
-                    end = n
-                    if info.is_main:
-                        print(f"time limit of {cfg.time_limit:g} s reached: stopping at step {n} of {cfg.steps}",
-                              flush=True)
+            if n_late > 0:
+                end = n
+                if info.is_main:
+                    print(f"time limit of {cfg.time_limit:g} s reached: stopping at step {n} of {cfg.steps}",
+                          flush=True)
             if log is not None:
                 log.advance()
             if n % cfg.log_every == 0 or n == end:

@@ -9,8 +9,8 @@ from igpt.model import MODES
 
 DTYPES = ("auto", "fp32", "bf16")
 # Settings a resumed run may change (bookkeeping only): everything else must match the saved run.
-RESUMABLE_CHANGES = ("out", "resume", "stop_at", "time_limit", "log_every", "save_every", "eval_every", "keep", "progress",
-                     "compile", "device", "fsdp")
+RESUMABLE_CHANGES = ("out", "resume", "stop_at", "time_limit", "log_every", "save_every", "eval_every", "keep",
+                     "progress", "compile", "device", "fsdp")
 
 
 @dataclass
