@@ -177,3 +177,9 @@ def test_a_new_run_removes_what_a_killed_write_left_and_nothing_else(shards, tmp
     train(tiny(shards, out, steps=2, save_every=2))
     assert not any(p.exists() for p in stale) and all(p.read_text() == "half" for p in kept)
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 2
+
+
+def test_adamw_is_fused_on_cpu_and_cuda_but_not_over_sharded_parameters():
+    assert T.fused_adamw(torch.device("cpu")) is True and T.fused_adamw(torch.device("cuda")) is True
+    assert T.fused_adamw(torch.device("cpu"), sharded=True) is None  # FSDP2's DTensors: torch's default
+    assert T.fused_adamw(torch.device("meta")) is None
