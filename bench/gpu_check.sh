@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call (one CUDA machine, about 9 minutes): the GPU tests, issue 5's
-# quality benchmark with a GPU recipe, and issue 7's GPU suite on igpt-s. Each part has its own time limit
+# Every GPU check of the project in one call (one CUDA machine, about 9 minutes): issue 5's quality benchmark
+# with a GPU recipe, the GPU tests, and issue 7's GPU suite on igpt-s. Each part has its own time limit
 # and writes into OUTDIR as it goes, so one part's failure leaves the others' results.
 #   bash bench/gpu_check.sh OUTDIR [DATA_DIR]      # DATA_DIR holds fashion-mnist/ (default ../shared/data)
 # Environment: PARTS (tests,quality,bench: which parts to run), PY (python3), QUALITY_MINUTES (2.5),
-# QUALITY_TIMEOUT (290), BENCH_TIMEOUT (200). On a machine still warm, a rerun of the quality part continues
-# from runs/gpu_quality: training resumes from its last checkpoint (to the planned step count), then the probe.
+# QUALITY_TIMEOUT (290), QUALITY_ARGS (more bench/quality.py flags, e.g. --compile), BENCH_TIMEOUT (200).
+# On a machine still warm, a rerun of the quality part continues from runs/gpu_quality: training resumes
+# from its last checkpoint (to the planned step count), then the probe.
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR [DATA_DIR]}
 data=${2:-../shared/data}
@@ -13,6 +14,16 @@ PY=${PY:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 parts=",${PARTS:-tests,quality,bench},"
 mkdir -p "$out"
+if [[ $parts == *,quality,* ]]; then
+q=runs/gpu_quality
+timeout "${QUALITY_TIMEOUT:-290}" $PY bench/quality.py --data-dir "$data" --out "$q" --minutes "${QUALITY_MINUTES:-2.5}" \
+  --n-px 16 --palette-size 16 --preset cpu-small --n-layer 8 --n-embd 512 --n-head 8 --batch-size 128 --lr 1e-3 \
+  --augment --eval-images 2000 --probe-batch-size 1024 ${QUALITY_ARGS:-} >"$out/quality.json" 2>"$out/quality.err"
+echo "quality exit $?"
+cp "$q/probe/probe.png" "$q/run/loss.png" "$q/run/metrics.jsonl" "$out/" 2>/dev/null
+tail -2 "$out/quality.err"
+fi
+
 if [[ $parts == *,tests,* ]]; then
 {
   date -u
@@ -23,16 +34,6 @@ if [[ $parts == *,tests,* ]]; then
   echo "pytest exit $?"
 } >"$out/pytest.log" 2>&1
 tail -4 "$out/pytest.log"
-fi
-
-if [[ $parts == *,quality,* ]]; then
-q=runs/gpu_quality
-timeout "${QUALITY_TIMEOUT:-290}" $PY bench/quality.py --data-dir "$data" --out "$q" --minutes "${QUALITY_MINUTES:-2.5}" \
-  --n-px 16 --palette-size 16 --preset cpu-small --n-layer 8 --n-embd 512 --n-head 8 --batch-size 128 --lr 1e-3 \
-  --augment --eval-images 2000 --probe-batch-size 1024 >"$out/quality.json" 2>"$out/quality.err"
-echo "quality exit $?"
-cp "$q/probe/probe.png" "$q/run/loss.png" "$q/run/metrics.jsonl" "$out/" 2>/dev/null
-tail -2 "$out/quality.err"
 fi
 
 if [[ $parts == *,bench,* ]]; then

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from igpt.errors import IgptError
-from igpt.logreg import Standardizer, fit_logreg, loss_and_grads, objective, sweep
+from igpt.logreg import Standardizer, _Problems, best_index, fit_batch, fit_logreg, objective
 
 
 def blobs(n=600, d=12, k=4, noise=2.0, seed=0):
@@ -39,15 +39,41 @@ def test_agrees_with_sklearn(C):
 def test_closed_form_gradients_equal_autograd_of_the_objective():
     X, y = blobs(n=300, d=7, k=5, seed=2)
     g = torch.Generator().manual_seed(0)
-    W = (torch.randn(5, 7, generator=g, dtype=torch.float64) * 3).requires_grad_(True)  # large logits: stability
-    b = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_(True)
+    Cs = [0.7, 3.0]
+    T = torch.randn(2, 5, 8, generator=g, dtype=torch.float64) * 3  # large logits: stability
     Xt, yt = torch.tensor(X), torch.tensor(y)
-    ref = objective(W, b, Xt, yt, 0.7)
-    ref.backward()
-    Y = torch.nn.functional.one_hot(yt, 5).T.to(torch.float64)
-    loss, dW, db = loss_and_grads(W.detach(), b.detach(), Xt.T, yt, Y, 0.7)
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
-    assert torch.allclose(dW, W.grad, rtol=1e-10, atol=1e-12) and torch.allclose(db, b.grad, rtol=1e-10, atol=1e-12)
+    pr = _Problems(Xt[None], yt[None], torch.tensor([Cs], dtype=torch.float64), 5)
+    loss, cache = pr.trial(pr.logits(T), T)
+    grad = pr.grad(T, cache)
+    for p, C in enumerate(Cs):
+        W, b = T[p, :, :-1].clone().requires_grad_(True), T[p, :, -1].clone().requires_grad_(True)
+        ref = objective(W, b, Xt, yt, C)
+        ref.backward()
+        assert loss[p].item() == pytest.approx(ref.item(), rel=1e-12)
+        assert torch.allclose(grad[p, :, :-1], W.grad, rtol=1e-10, atol=1e-12)
+        assert torch.allclose(grad[p, :, -1], b.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_fits_equal_separate_fits_and_sklearn():
+    """Two data sets x three C values in one batch: each problem is fitted to its own minimiser (sklearn's),
+    whatever else is in the batch, and problems that converge early leave it with their own iteration count."""
+    from sklearn.linear_model import LogisticRegression
+
+    data = [blobs(n=400, d=9, k=3, seed=s) for s in (7, 8)]
+    Z = np.stack([Standardizer.fit(X)(X) for X, _ in data]).astype(np.float64)
+    y = np.stack([y for _, y in data])
+    Cs = [[1e-2, 1.0, 30.0], [0.1, 1.0, 5.0]]
+    fit = fit_batch(Z, y, Cs, 3, dtype=torch.float64, tol=1e-9, device="cpu")
+    assert fit.W.shape == (2, 3, 3, 9) and fit.b.shape == (2, 3, 3) and fit.iterations.shape == (2, 3)
+    assert len(set(fit.iterations.ravel().tolist())) > 1  # stopped at different iterations
+    acc = fit.accuracy(Z, y)
+    for g in range(2):
+        for p, C in enumerate(Cs[g]):
+            ref = LogisticRegression(C=C, solver="lbfgs", tol=1e-10, max_iter=10_000).fit(Z[g], y[g])
+            assert np.abs(fit.W[g, p].numpy() - ref.coef_).max() < 1e-4
+            assert acc[g, p] == pytest.approx(ref.score(Z[g], y[g]), abs=0.005)
+            alone = fit_logreg(Z[g], y[g], C, 3, dtype=torch.float64, tol=1e-9, device="cpu")
+            assert fit.loss[g, p] == pytest.approx(alone.loss, rel=1e-9)
 
 
 def test_float32_default_matches_sklearn_accuracy():
@@ -85,13 +111,15 @@ def test_standardizer_uses_fit_statistics_and_constant_columns():
     assert np.allclose(s(np.array([[5.0, 6.0]])), [[3, 1]])
 
 
-def test_sweep_prefers_smaller_C_on_ties_and_keeps_order():
+def test_best_index_prefers_the_smaller_C_on_ties():
+    assert best_index([0.9, 0.95, 0.95], [10.0, 1.0, 100.0]) == 1
+    assert best_index([0.95, 0.9, 0.95], [0.1, 1.0, 0.01]) == 2
     X, y = blobs(n=200, d=4, k=2, noise=0.01)
     Z = Standardizer.fit(X)(X)
-    accs, C = sweep(Z, y, Z, y, [10.0, 1.0, 100.0], 2)
-    assert len(accs) == 3
+    Cs = [10.0, 1.0, 100.0]
+    accs = fit_batch(Z[None], y[None], [Cs], 2).accuracy(Z[None], y[None])[0]
     best = max(accs)
-    assert C == min(c for c, a in zip([10.0, 1.0, 100.0], accs) if a == best)
+    assert Cs[best_index(accs, Cs)] == min(c for c, a in zip(Cs, accs) if a == best)
 
 
 def test_bad_inputs_are_user_errors():
@@ -99,6 +127,10 @@ def test_bad_inputs_are_user_errors():
         fit_logreg(np.zeros((2, 2)), np.zeros(2), 0.0)
     with pytest.raises(IgptError, match="need X"):
         fit_logreg(np.zeros((2, 2)), np.zeros(3), 1.0)
+    with pytest.raises(IgptError, match="one row per data set"):
+        fit_batch(np.zeros((2, 3, 2)), np.zeros((2, 3)), [[1.0]])
+    with pytest.raises(IgptError, match="labels must lie"):
+        fit_batch(np.zeros((1, 3, 2)), np.array([[0, 1, 2]]), [[1.0]], 2)
 
 
 @pytest.mark.gpu

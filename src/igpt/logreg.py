@@ -1,9 +1,18 @@
-"""L2-regularised multinomial logistic regression fitted with full-batch torch L-BFGS (GPU when present).
+"""L2-regularised multinomial logistic regression fitted with full-batch L-BFGS in torch (GPU when present).
 
 The objective is scikit-learn's ``LogisticRegression(C=C, solver="lbfgs")`` exactly, divided by C * n so its
 scale does not depend on the data size (the same minimiser):
 
     sum_i CE(W x_i + b, y_i) / n  +  ||W||^2 / (2 C n)        (nats per example; the bias is not penalised)
+
+``fit_batch`` fits many such problems at once, as one batched L-BFGS: G data sets of the same shape (the
+layers of a probe, the draws of the low-data protocol), each at P values of C. An iteration costs two matrix
+products per data set for all of its problems and one host sync (plus one per extra line-search trial), so a
+probe's ~50-150 fits take about as many iterations as the slowest of them, not their sum: on a GPU, where a
+single fit's iteration is bound by kernel launches and syncs, that is what makes the probe fast. Each problem
+keeps its own curvature history, step length and stopping test, so each converges to its own minimiser;
+problems that have stopped leave the batch. Line search: backtracking (Armijo) from the unit step; the logits
+are linear in the step, so a trial step costs elementwise work only.
 
 Features are standardised with the statistics of the fitting set (``Standardizer``) before any fit.
 """
@@ -18,30 +27,15 @@ import torch.nn.functional as F
 
 from igpt.errors import IgptError
 
+ARMIJO = 1e-4  # sufficient-decrease constant of the line search
+HALVINGS = 30  # a step halved this often without decrease: the problem stops (float32 resolution reached)
+REFRESH = 25  # recompute the logits from the weights every this many iterations (they are updated in place)
+
 
 def objective(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor, C: float) -> torch.Tensor:
     """Mean cross-entropy in nats per example + ||W||^2 / (2 C n): sklearn's C * sum CE + ||W||^2 / 2, over C n."""
     n = X.shape[0]
     return F.cross_entropy(X @ W.T + b, y, reduction="mean") + W.pow(2).sum() / (2.0 * C * n)
-
-
-def loss_and_grads(W: torch.Tensor, b: torch.Tensor, Xt: torch.Tensor, y: torch.Tensor, Y: torch.Tensor, C: float):
-    """``objective`` and its gradients in closed form, for the L-BFGS loop: Xt (d, n) (any layout, e.g. X.T),
-    y (n,) labels and Y (K, n) the same as one-hot rows. -> (loss, dW (K, d), db (K,)). Class-major (K, n)
-    logits keep the softmax's reductions over the short class axis vectorised along n: 1.7x faster L-BFGS
-    iterations than autograd through F.cross_entropy on (n, K) logits (n = 54,000, d = 192, 2 CPU cores).
-    Each example's loss is formed before the sum (as cross_entropy does): the difference of two sums over n
-    loses the precision the line search needs in float32."""
-    n = Xt.shape[1]
-    Z = torch.addmm(b[:, None], W, Xt)  # (K, n)
-    m = Z.amax(0, keepdim=True)  # (1, n)
-    gap = m - Z.gather(0, y[None])  # max_k z - z_y >= 0
-    E = Z.sub_(m).exp_()
-    s = E.sum(0, keepdim=True)
-    loss = (s.log() + gap).mean()  # mean of logsumexp_i - z_{i, y_i}
-    G = E.div_(s).sub_(Y).div_(n)  # (softmax - onehot) / n
-    dW = torch.addmm(W, G, Xt.T, beta=1.0 / (C * n))
-    return loss + W.pow(2).sum() / (2.0 * C * n), dW, G.sum(1)
 
 
 @dataclass
@@ -62,71 +56,211 @@ class Standardizer:
 
 
 @dataclass
+class Fits:
+    """G x P fitted models: [g, p] was fitted on data set g at C[g, p]."""
+
+    W: torch.Tensor  # (G, P, K, d) on the fit device
+    b: torch.Tensor  # (G, P, K)
+    loss: np.ndarray  # (G, P) final objective (nats per example, penalty included)
+    iterations: np.ndarray  # (G, P) L-BFGS iterations each problem took
+
+    def predict(self, X) -> np.ndarray:
+        """X (G or 1, m, d) -> predicted classes (G, P, m)."""
+        X = torch.as_tensor(np.asarray(X), device=self.W.device, dtype=self.W.dtype)
+        if X.ndim != 3 or X.shape[-1] != self.W.shape[-1] or X.shape[0] not in (1, self.W.shape[0]):
+            raise IgptError(f"logistic regression: need X ({self.W.shape[0]} or 1, m, {self.W.shape[-1]}), "
+                            f"got {tuple(X.shape)}")
+        return (X[:, None] @ self.W.transpose(-1, -2) + self.b[:, :, None]).argmax(-1).cpu().numpy()
+
+    def accuracy(self, X, y) -> np.ndarray:
+        """Fraction right per model, (G, P); y (G or 1, m)."""
+        return (self.predict(X) == np.asarray(y)[:, None]).mean(-1)
+
+
+@dataclass
 class LogReg:
+    """One fitted model (``fit_logreg``)."""
+
     W: torch.Tensor  # (K, d) on the fit device
     b: torch.Tensor  # (K,)
     loss: float  # final objective value (nats per example, penalty included)
     iterations: int
 
-    def logits(self, X) -> torch.Tensor:
-        X = torch.as_tensor(X, device=self.W.device, dtype=self.W.dtype)
-        return X @ self.W.T + self.b
-
     def predict(self, X) -> np.ndarray:
-        return self.logits(X).argmax(1).cpu().numpy()
+        X = torch.as_tensor(np.asarray(X), device=self.W.device, dtype=self.W.dtype)
+        return (X @ self.W.T + self.b).argmax(1).cpu().numpy()
 
     def accuracy(self, X, y) -> float:
         """Fraction of rows predicted right, in [0, 1]."""
         return float((self.predict(X) == np.asarray(y)).mean())
 
 
-def fit_logreg(X, y, C: float, n_classes: int | None = None, *, max_iter: int = 1000, tol: float = 1e-6,
-               device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-               init: LogReg | None = None) -> LogReg:
-    """Minimise ``objective`` with torch.optim.LBFGS (strong Wolfe line search, full batch).
+class _Problems:
+    """The batched objective over a working set of Q problems, ordered by data set: weights T (Q, K, d + 1)
+    with the bias last, logits Z (Q, K, n), linear in T. Data set g is X[g] (n, d); problem q uses X[gid[q]].
+    ``keep`` drops the problems that have stopped, so the matrix products shrink with the working set."""
 
-    X (n, d) standardised features, y (n,) ints in [0, n_classes); ``init`` warm-starts (a C sweep). Stops when
-    the largest gradient entry is below ``tol`` or after ``max_iter`` iterations.
+    def __init__(self, X: torch.Tensor, y: torch.Tensor, C: torch.Tensor, K: int):
+        G, self.n, self.d = X.shape
+        P = C.shape[1]
+        self.K, self.X = K, X
+        self.gid = np.repeat(np.arange(G), P)  # host copy: which data set each problem fits
+        self.y = y.repeat_interleave(P, 0)[:, None, :]  # (Q, 1, n)
+        self.inv_cn = (1.0 / (C.reshape(-1) * self.n)).to(X.dtype)  # (Q,)
+        self._ranges()
+
+    def _ranges(self) -> None:
+        cut = np.flatnonzero(np.diff(self.gid)) + 1
+        self.ranges = [(int(self.gid[a]), int(a), int(b)) for a, b in zip(np.r_[0, cut], np.r_[cut, len(self.gid)])]
+
+    def keep(self, idx: np.ndarray) -> None:
+        self.gid = self.gid[idx]
+        i = torch.as_tensor(idx, device=self.X.device)
+        self.y, self.inv_cn = self.y[i], self.inv_cn[i]
+        self._ranges()
+
+    def logits(self, T: torch.Tensor) -> torch.Tensor:
+        Z = torch.empty(T.shape[0], self.K, self.n, device=T.device, dtype=T.dtype)
+        for g, a, b in self.ranges:
+            torch.mm(T[a:b, :, :-1].reshape(-1, self.d), self.X[g].T, out=Z[a:b].view(-1, self.n))
+        return Z.add_(T[..., -1:])
+
+    def trial(self, Z: torch.Tensor, T: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """(Q,) objective at logits Z of weights T, and what ``grad`` needs. Each example's loss is formed
+        before the mean (as cross_entropy does): a difference of two sums over n loses the precision the line
+        search needs in float32."""
+        m = Z.amax(1, keepdim=True)
+        E = (Z - m).exp_()
+        s = E.sum(1, keepdim=True)
+        ce = (s.log() + m - Z.gather(1, self.y)).mean((1, 2))
+        return ce + T[..., :-1].pow(2).sum((1, 2)) * (0.5 * self.inv_cn), (E, s)
+
+    def grad(self, T: torch.Tensor, cache: tuple) -> torch.Tensor:
+        """The gradient (Q, K, d + 1) at the point of ``trial``'s cache, in closed form."""
+        E, s = cache
+        R = E.div_(s).scatter_add_(1, self.y, torch.full_like(self.y, -1, dtype=E.dtype)).div_(self.n)
+        g = torch.empty_like(T)  # (softmax - onehot) / n against X, plus the penalty's gradient
+        for gi, a, b in self.ranges:
+            g[a:b, :, :-1] = torch.mm(R[a:b].view(-1, self.n), self.X[gi]).view(b - a, self.K, self.d)
+        g[..., :-1] += T[..., :-1] * self.inv_cn[:, None, None]
+        g[..., -1] = R.sum(-1)
+        return g
+
+
+def fit_batch(X, y, C, n_classes: int | None = None, *, max_iter: int = 1000, tol: float = 1e-6,
+              device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
+              history: int = 20) -> Fits:
+    """Fit G x P problems: X (G, n, d) standardised features, y (G, n) ints in [0, n_classes), C (G, P).
+
+    Batched L-BFGS (history ``history``, backtracking Armijo line search from the unit step; the first step
+    of a problem without curvature pairs is min(1, 1 / |g|_1), as torch.optim.LBFGS does). A problem stops when
+    its largest gradient entry is below ``tol``, when its objective no longer changes at float resolution or
+    its line search finds no decrease, or after ``max_iter`` iterations; stopped problems leave the batch.
     """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    Xb = torch.as_tensor(np.asarray(X), device=dev, dtype=dtype)
+    yb = torch.as_tensor(np.asarray(y), device=dev, dtype=torch.long)
+    Cb = np.asarray(C, dtype=np.float64)
+    if Xb.ndim != 3 or yb.shape != Xb.shape[:2] or Xb.shape[1] == 0:
+        raise IgptError(f"logistic regression: need X (G, n, d) and y (G, n) with n > 0, got "
+                        f"{tuple(Xb.shape)} and {tuple(yb.shape)}")
+    if Cb.ndim != 2 or Cb.shape[0] != Xb.shape[0] or not (Cb > 0).all():
+        raise IgptError(f"logistic regression: C must be > 0, one row per data set ({Xb.shape[0]}), got {C}")
+    K = int(n_classes or int(yb.max()) + 1)
+    if int(yb.min()) < 0 or int(yb.max()) >= K:
+        raise IgptError(f"logistic regression: labels must lie in [0, {K}), got {int(yb.min())}..{int(yb.max())}")
+    G, P = Cb.shape
+    pr = _Problems(Xb, yb, torch.as_tensor(Cb, device=dev), K)
+    Q, N = G * P, K * (pr.d + 1)
+    out_T = torch.zeros(Q, K, pr.d + 1, device=dev, dtype=dtype)
+    out_it = np.zeros(Q, dtype=np.int64)
+    ids = np.arange(Q)  # the working set's problem numbers
+    T = out_T.clone()
+    Z = pr.logits(T)
+    f, cache = pr.trial(Z, T)
+    g = pr.grad(T, cache)
+    S = torch.zeros(history, Q, N, device=dev, dtype=dtype)  # curvature pairs (s, y), ring buffer
+    Yh, rho = torch.zeros_like(S), torch.zeros(history, Q, device=dev, dtype=dtype)
+    gamma = torch.ones(Q, device=dev, dtype=dtype)  # initial inverse-Hessian scale s.y / y.y
+    paired = torch.zeros(Q, device=dev, dtype=torch.bool)
+    iters = torch.zeros(Q, device=dev, dtype=torch.long)
+    active = g.abs().amax((1, 2)) > tol
+    for it in range(max_iter + 1):
+        act = active.cpu().numpy()
+        if not act.all() or it == max_iter:  # retire the stopped problems (all of them at the end)
+            done = np.flatnonzero(~act) if it < max_iter else np.arange(len(ids))
+            di = torch.as_tensor(done, device=dev)
+            out_T[torch.as_tensor(ids[done], device=dev)] = T[di]
+            out_it[ids[done]] = iters[di].cpu().numpy()
+            keep = np.flatnonzero(act) if it < max_iter else done[:0]
+            if not len(keep):
+                break
+            ids, ki = ids[keep], torch.as_tensor(keep, device=dev)
+            pr.keep(keep)
+            T, Z, f, g, gamma, paired, iters = (v[ki] for v in (T, Z, f, g, gamma, paired, iters))
+            S, Yh, rho = S[:, ki], Yh[:, ki], rho[:, ki]
+        q_n = len(ids)
+        if it and it % REFRESH == 0:  # the logits are updated along the steps: recompute them now and then
+            Z = pr.logits(T)
+            f = pr.trial(Z, T)[0]
+        # two-loop recursion, per problem (pairs a problem rejected are zeros with rho 0: no effect)
+        q = g.reshape(q_n, N).clone()
+        order = [(it - 1 - j) % history for j in range(min(it, history))]
+        alphas = []
+        for i in order:
+            a = rho[i] * (S[i] * q).sum(-1)
+            q -= a[:, None] * Yh[i]
+            alphas.append(a)
+        q *= gamma[:, None]
+        for i, a in zip(reversed(order), reversed(alphas)):
+            q += S[i] * (a - rho[i] * (Yh[i] * q).sum(-1))[:, None]
+        D = q.view_as(T).neg_()
+        D = torch.where(((g * D).sum((1, 2)) < 0)[:, None, None], D, -g)  # safeguard: a descent direction
+        gtd = (g * D).sum((1, 2))
+        t = torch.where(paired, 1.0, (1.0 / g.abs().sum((1, 2))).clamp(max=1.0))
+        dZ = pr.logits(D)
+        for _ in range(HALVINGS):  # backtracking: one trial for all problems, halve where not yet decreasing
+            f_t, cache = pr.trial(torch.addcmul(Z, t[:, None, None], dZ), T + t[:, None, None] * D)
+            flat = f_t == f  # no change at float resolution: this problem is done
+            ok = (f_t <= f + ARMIJO * t * gtd) & ~flat
+            if bool((ok | flat).all()):
+                break
+            t = torch.where(ok | flat, t, t * 0.5)
+        t = t * ok  # the last trial was at every moving problem's accepted step
+        step = t[:, None, None] * D
+        T = T + step
+        Z = torch.addcmul(Z, t[:, None, None], dZ)
+        g_new = pr.grad(T, cache)
+        s, yv = step.reshape(q_n, N), (g_new - g).reshape(q_n, N)
+        sy = (s * yv).sum(-1)
+        good = ok & (sy > 1e-10)
+        j = it % history
+        S[j], Yh[j] = s * good[:, None], yv * good[:, None]
+        rho[j] = torch.where(good, 1.0 / sy, 0.0)
+        gamma = torch.where(good, sy / (yv * yv).sum(-1), gamma)
+        paired |= good
+        iters += 1
+        f = torch.where(ok, f_t, f)
+        g = torch.where(ok[:, None, None], g_new, g)
+        active = ok & (g.abs().amax((1, 2)) > tol)
+    final = _Problems(Xb, yb, torch.as_tensor(Cb, device=dev), K)
+    out_T = out_T.view(G, P, K, -1)
+    loss = final.trial(final.logits(out_T.view(Q, K, -1)), out_T.view(Q, K, -1))[0]
+    return Fits(out_T[..., :-1].contiguous(), out_T[..., -1].contiguous(), loss.view(G, P).cpu().numpy(),
+                out_it.reshape(G, P))
+
+
+def fit_logreg(X, y, C: float, n_classes: int | None = None, **kw) -> LogReg:
+    """One problem: X (n, d) standardised features, y (n,), at C (``fit_batch``'s keywords)."""
+    X, y = np.asarray(X), np.asarray(y)
+    if X.ndim != 2 or y.shape != X.shape[:1] or len(y) == 0:
+        raise IgptError(f"logistic regression: need X (n, d) and y (n,), got {X.shape} and {y.shape}")
     if not C > 0:
         raise IgptError(f"logistic regression: C must be > 0, got {C}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    Xt = torch.as_tensor(np.asarray(X), device=dev, dtype=dtype)
-    yt = torch.as_tensor(np.asarray(y), device=dev, dtype=torch.long)
-    if Xt.ndim != 2 or yt.shape != (Xt.shape[0],) or len(yt) == 0:
-        raise IgptError(f"logistic regression: need X (n, d) and y (n,), got {tuple(Xt.shape)} and {tuple(yt.shape)}")
-    K = int(n_classes or int(yt.max()) + 1)
-    if init is not None:
-        W = init.W.detach().clone().to(dev, dtype).requires_grad_(True)
-        b = init.b.detach().clone().to(dev, dtype).requires_grad_(True)
-    else:
-        W = torch.zeros(K, Xt.shape[1], device=dev, dtype=dtype, requires_grad=True)
-        b = torch.zeros(K, device=dev, dtype=dtype, requires_grad=True)
-    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, max_eval=int(max_iter * 1.25),
-                            tolerance_grad=tol, tolerance_change=1e-12, history_size=20,
-                            line_search_fn="strong_wolfe")
-
-    Y = torch.zeros(K, len(yt), device=dev, dtype=dtype).scatter_(0, yt[None], 1.0)  # (K, n) one-hot
-
-    @torch.no_grad()
-    def closure():
-        loss, W.grad, b.grad = loss_and_grads(W, b, Xt.T, yt, Y, C)
-        return loss
-
-    opt.step(closure)
-    final = closure().item()
-    iters = opt.state[opt._params[0]].get("n_iter", 0)
-    return LogReg(W.detach(), b.detach(), final, int(iters))
+    fit = fit_batch(X[None], y[None], [[C]], n_classes, **kw)
+    return LogReg(fit.W[0, 0], fit.b[0, 0], float(fit.loss[0, 0]), int(fit.iterations[0, 0]))
 
 
-def sweep(Xtr, ytr, Xva, yva, Cs, n_classes: int, **kw) -> tuple[list[float], float]:
-    """Fit on (Xtr, ytr) for each C (ascending, warm-started) and score on val. -> (val accuracy per C in the
-    order of ``Cs``, the best C: highest val accuracy, ties to the smaller C, i.e. more regularisation)."""
-    order = sorted(range(len(Cs)), key=lambda i: Cs[i])
-    accs = [0.0] * len(Cs)
-    prev = None
-    for i in order:
-        prev = fit_logreg(Xtr, ytr, Cs[i], n_classes, init=prev, **kw)
-        accs[i] = prev.accuracy(Xva, yva)
-    best = max(order, key=lambda i: (accs[i], -Cs[i]))
-    return accs, float(Cs[best])
+def best_index(accs, Cs) -> int:
+    """The index of the best C of a sweep: highest accuracy, ties to the smaller C (more regularisation)."""
+    return min(range(len(Cs)), key=lambda i: (-accs[i], Cs[i]))

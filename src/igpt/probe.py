@@ -29,7 +29,7 @@ import numpy as np
 from igpt.errors import IgptError
 from igpt.features import draw_per_class
 from igpt.io import atomic_write_bytes, figure_png
-from igpt.logreg import Standardizer, fit_logreg, sweep
+from igpt.logreg import Standardizer, best_index, fit_batch
 
 PROBE_FILE, PLOT_FILE = "probe.json", "probe.png"
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # sklearn's C (inverse L2 strength on the summed loss); a log grid
@@ -85,19 +85,43 @@ class ProbeConfig:
 
 
 # -- the protocol on arrays (pure: tests call these directly) --------------------------------------------------
-def fit_score(Xfit, yfit, Xeval, yeval, C: float, n_classes: int, std: Standardizer | None = None, **kw) -> float:
-    """Standardise (with ``std``, else Xfit's statistics), fit at C, return accuracy on (Xeval, yeval)."""
-    s = std or Standardizer.fit(Xfit)
-    return fit_logreg(s(Xfit), yfit, C, n_classes, **kw).accuracy(s(Xeval), yeval)
+BATCH_ELEMENTS = 2**27  # logits per batched fit (problems x classes x examples): ~0.5 GB in float32
+
+
+def _batches(keys: list, feats: dict, per_key: int, n: int, n_classes: int) -> list[list]:
+    """Keys in groups fitted together: the same feature width, at most BATCH_ELEMENTS logits per group."""
+    cap = max(1, BATCH_ELEMENTS // max(1, per_key * n_classes * n))
+    groups: dict[int, list] = {}
+    for k in keys:
+        groups.setdefault(feats[k].shape[1], []).append(k)
+    return [g[i:i + cap] for g in groups.values() for i in range(0, len(g), cap)]
 
 
 def select(train: dict, ytr, val: dict, yva, Cs, n_classes: int, **kw) -> dict:
-    """Per key (layer) of ``train``/``val`` feature dicts: {key: (val accuracy, best C)}, fit on train."""
+    """Per key (layer) of ``train``/``val`` feature dicts: {key: (val accuracy, best C)}, fit on train (every
+    key and C of a batch in one ``fit_batch``; each key standardised with its train statistics)."""
     res = {}
-    for key in train:
-        s = Standardizer.fit(train[key])
-        accs, C = sweep(s(train[key]), ytr, s(val[key]), yva, Cs, n_classes, **kw)
-        res[key] = (max(accs), C)
+    for keys in _batches(list(train), train, len(Cs), len(ytr), n_classes):
+        std = [Standardizer.fit(train[k]) for k in keys]
+        fit = fit_batch(np.stack([s(train[k]) for s, k in zip(std, keys)]), np.tile(ytr, (len(keys), 1)),
+                        [list(Cs)] * len(keys), n_classes, **kw)
+        accs = fit.accuracy(np.stack([s(val[k]) for s, k in zip(std, keys)]), np.asarray(yva)[None])
+        res.update({k: (float(row[j]), float(Cs[j])) for k, row in zip(keys, accs) for j in [best_index(row, Cs)]})
+    return {k: res[k] for k in train}
+
+
+def refit(train: dict, ytr, val: dict, yva, test: dict, yte, Cs: dict, n_classes: int, **kw) -> dict:
+    """Per key: fit on train + val (standardised with their statistics) at that key's C in ``Cs``; -> {key:
+    test accuracy}."""
+    ytv = np.concatenate([ytr, yva])
+    res = {}
+    for keys in _batches(list(train), train, 1, len(ytv), n_classes):
+        tv = [np.concatenate([train[k], val[k]]) for k in keys]
+        std = [Standardizer.fit(x) for x in tv]
+        fit = fit_batch(np.stack([s(x) for s, x in zip(std, tv)]), np.tile(ytv, (len(keys), 1)),
+                        [[Cs[k]] for k in keys], n_classes, **kw)
+        accs = fit.accuracy(np.stack([s(test[k]) for s, k in zip(std, keys)]), np.asarray(yte)[None])
+        res.update({k: float(a[0]) for k, a in zip(keys, accs)})
     return res
 
 
@@ -112,30 +136,30 @@ def probe_protocol(train: dict, ytr, val: dict, yva, test: dict, yte, Cs, n_clas
     'test_accuracy'}."""
     choice = select(train, ytr, val, yva, Cs, n_classes, **kw)
     best = best_key(choice)
-    ytv = np.concatenate([ytr, yva])
-    rows = []
-    for key, (vacc, C) in choice.items():
-        tacc = fit_score(np.concatenate([train[key], val[key]]), ytv, test[key], yte, C, n_classes, **kw)
-        rows.append({"layer": key, "val_accuracy": vacc, "test_accuracy": tacc, "C": C})
+    tacc = refit(train, ytr, val, yva, test, yte, {k: C for k, (_, C) in choice.items()}, n_classes, **kw)
+    rows = [{"layer": k, "val_accuracy": vacc, "test_accuracy": tacc[k], "C": C} for k, (vacc, C) in choice.items()]
     top = next(r for r in rows if r["layer"] == best)
     return {"per_layer": rows, "best_layer": best, "C": top["C"], "val_accuracy": top["val_accuracy"],
             "test_accuracy": top["test_accuracy"]}
 
 
 def low_data(Xtr, ytr, Xva, yva, Xte, yte, ks, seeds: int, Cs, n_classes: int, **kw) -> list[dict]:
-    """Step 6 for one feature set: [{labels_per_class, accuracies (per seed), mean, std, Cs (chosen per seed)}]."""
+    """Step 6 for one feature set: [{labels_per_class, accuracies (per seed), mean, std, Cs (chosen per seed)}].
+    Per K, the seeds' draws at every C are one batched fit; each seed's model at its val-chosen C is scored on
+    test (a refit on the same draw at that C would be the same problem)."""
     s = Standardizer.fit(Xtr)
     Ztr, Zva, Zte = s(Xtr), s(Xva), s(Xte)
     out = []
     for k in ks:
-        accs, chosen = [], []
-        for seed in range(seeds):
-            idx = draw_per_class(ytr, k, seed)
-            _, C = sweep(Ztr[idx], ytr[idx], Zva, yva, Cs, n_classes, **kw)
-            accs.append(fit_logreg(Ztr[idx], ytr[idx], C, n_classes, **kw).accuracy(Zte, yte))
-            chosen.append(C)
+        idx = [draw_per_class(ytr, k, seed) for seed in range(seeds)]
+        fit = fit_batch(np.stack([Ztr[i] for i in idx]), np.stack([ytr[i] for i in idx]), [list(Cs)] * seeds,
+                        n_classes, **kw)
+        val = fit.accuracy(Zva[None], np.asarray(yva)[None])  # (seeds, C)
+        test = fit.accuracy(Zte[None], np.asarray(yte)[None])
+        pick = [best_index(row, Cs) for row in val]
+        accs = [float(test[i, j]) for i, j in enumerate(pick)]
         out.append({"labels_per_class": k, "accuracies": accs, "mean": float(np.mean(accs)),
-                    "std": float(np.std(accs)), "Cs": chosen})
+                    "std": float(np.std(accs)), "Cs": [float(Cs[j]) for j in pick]})
     return out
 
 
