@@ -4,6 +4,8 @@ LogisticRegression(solver="lbfgs") on the same standardised features and the sam
 Features: a fixed random linear map of noisy class prototypes (N, d), 10 classes, so the problem is neither
 separable nor trivial. Reports seconds per fit (median of 3 fits, alternating ours and sklearn), held-out
 accuracy, and both solutions' objective values under the shared objective (nats per example, penalty included).
+``sweep``: the probe's C grid (igpt.probe.DEFAULT_CS) on the same features, ours as one batched fit
+(igpt.logreg.fit_batch, as `igpt probe` runs it) against one sklearn fit per C; held-out accuracy per C.
 Run through bench/run.py (case ``probe_fit``).
 """
 
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 from common import Contention, others_summary
 
-from igpt.logreg import Standardizer, fit_logreg, objective
+from igpt.logreg import Standardizer, fit_batch, fit_logreg, objective
+from igpt.probe import DEFAULT_CS
 
 
 def features(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +49,27 @@ def probe_fit_case(quick: bool, n: int = 20000, d: int = 256, C: float = 0.1) ->
             ref = LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr)
             t_ref.append(time.perf_counter() - t)
         others.append(c.others)
+    s_ours, s_ref, sweep_others = [], [], []
+    for _ in range(repeats):
+        with Contention() as c:
+            t = time.perf_counter()
+            batch = fit_batch(Xtr[None], ytr[None], [list(DEFAULT_CS)], 10, device="cpu")
+            s_ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            refs = [LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr) for C in DEFAULT_CS]
+            s_ref.append(time.perf_counter() - t)
+        sweep_others.append(c.others)
+    sweep = {
+        "Cs": list(DEFAULT_CS),
+        "ours": {"seconds": round(statistics.median(s_ours), 3), "iterations": batch.iterations[0].tolist(),
+                 "test_accuracy": [round(float(a), 4) for a in batch.accuracy(Xte[None], yte[None])[0]],
+                 "what": "one fit_batch over the grid"},
+        "reference": {"seconds": round(statistics.median(s_ref), 3), "iterations": [int(r.n_iter_.max()) for r in refs],
+                      "test_accuracy": [round(float(r.score(Xte, yte)), 4) for r in refs],
+                      "what": "one sklearn LogisticRegression(lbfgs) fit per C"},
+        "ratio": round(statistics.median(s_ref) / statistics.median(s_ours), 2),
+        "others_cores": others_summary(sweep_others),
+    }
     Xt, yt = torch.tensor(Xtr, dtype=torch.float64), torch.tensor(ytr)
     ref_obj = objective(torch.tensor(ref.coef_).double(), torch.tensor(ref.intercept_).double(), Xt, yt, C).item()
     ours_obj = objective(ours.W.double(), ours.b.double(), Xt, yt, C).item()
@@ -58,4 +82,5 @@ def probe_fit_case(quick: bool, n: int = 20000, d: int = 256, C: float = 0.1) ->
                       "what": "sklearn LogisticRegression(lbfgs), float32 in"},
         "ratio": round(statistics.median(t_ref) / statistics.median(t_ours), 2),
         "others_cores": others_summary(others),
+        "sweep": sweep,
     }

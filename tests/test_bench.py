@@ -39,6 +39,18 @@ def test_run_rejects_an_unknown_case():
     assert r.returncode != 0 and "unknown case" in r.stderr
 
 
+def test_run_quick_probe_fit_has_the_single_fit_and_the_batched_sweep():
+    r = _run("--quick", "--only", "probe_fit")
+    assert r.returncode == 0, r.stderr
+    case = json.loads(r.stdout)["probe_fit"]
+    assert case["ratio"] > 0 and case["ours"]["seconds"] > 0 and case["reference"]["seconds"] > 0
+    sweep = case["sweep"]
+    assert len(sweep["Cs"]) == len(sweep["ours"]["test_accuracy"]) == len(sweep["reference"]["test_accuracy"]) == 5
+    assert sweep["ratio"] > 0 and all(i > 0 for i in sweep["ours"]["iterations"])
+    # the same problems: held-out accuracies agree per C
+    assert max(abs(a - b) for a, b in zip(sweep["ours"]["test_accuracy"], sweep["reference"]["test_accuracy"])) < 0.01
+
+
 def test_every_case_is_documented_and_rendered():
     sys.path.insert(0, str(BENCH))
     try:
