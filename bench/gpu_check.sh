@@ -4,7 +4,8 @@
 # and writes into OUTDIR as it goes, so one part's failure leaves the others' results.
 #   bash bench/gpu_check.sh OUTDIR [DATA_DIR]      # DATA_DIR holds fashion-mnist/ (default ../shared/data)
 # Environment: PARTS (tests,quality,bench: which parts to run), PY (python3), QUALITY_MINUTES (2.5),
-# QUALITY_TIMEOUT (290), QUALITY_ARGS (more bench/quality.py flags, e.g. --compile), BENCH_TIMEOUT (200).
+# QUALITY_TIMEOUT (290), QUALITY_ARGS (more bench/quality.py flags; with --compile, bench/compile_check.py
+# runs first and the quality run drops --compile unless compiled gradients equal eager ones), BENCH_TIMEOUT (200).
 # On a machine still warm, a rerun of the quality part continues from runs/gpu_quality: training resumes
 # from its last checkpoint (to the planned step count), then the probe.
 set -u
@@ -14,11 +15,19 @@ PY=${PY:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 parts=",${PARTS:-tests,quality,bench},"
 mkdir -p "$out"
+qargs=${QUALITY_ARGS:-}
+if [[ $qargs == *--compile* ]]; then  # compiled training only where compiled gradients equal eager ones
+  if ! timeout 120 $PY bench/compile_check.py >"$out/compile.jsonl" 2>"$out/compile.err"; then
+    qargs=${qargs//--compile/}
+    echo "compile check failed or timed out: the quality run trains eagerly (see compile.jsonl)"
+  fi
+  cat "$out/compile.jsonl"
+fi
 if [[ $parts == *,quality,* ]]; then
 q=runs/gpu_quality
 timeout "${QUALITY_TIMEOUT:-290}" $PY bench/quality.py --data-dir "$data" --out "$q" --minutes "${QUALITY_MINUTES:-2.5}" \
   --n-px 16 --palette-size 16 --preset cpu-small --n-layer 8 --n-embd 512 --n-head 8 --batch-size 128 --lr 1e-3 \
-  --augment --eval-images 2000 --probe-batch-size 1024 ${QUALITY_ARGS:-} >"$out/quality.json" 2>"$out/quality.err"
+  --augment --eval-images 2000 --probe-batch-size 1024 $qargs >"$out/quality.json" 2>"$out/quality.err"
 echo "quality exit $?"
 cp "$q/probe/probe.png" "$q/run/loss.png" "$q/run/metrics.jsonl" "$out/" 2>/dev/null
 tail -2 "$out/quality.err"
