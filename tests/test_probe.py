@@ -67,6 +67,22 @@ def test_linearly_separable_layer_is_found_and_scores_100():
     assert all(r["test_accuracy"] < 0.7 for r in res["per_layer"] if r["layer"] != 2)  # noise layers near chance
 
 
+def test_batches_split_by_memory_give_the_same_choice(monkeypatch):
+    """Layers, and the C grid itself, split into several fits when the logits would pass BATCH_ELEMENTS: the
+    same choice and accuracies as one batch."""
+    import igpt.probe as P
+
+    (tr, va, te), (ytr, yva, yte) = layered(seed=3)
+    Cs = (1e-3, 0.1, 10.0)
+    whole = probe_protocol(tr, ytr, va, yva, te, yte, Cs, 3)
+    monkeypatch.setattr(P, "BATCH_ELEMENTS", 3 * len(ytr))  # one C of one layer per fit
+    assert P._batches(list(tr), tr, 1, len(ytr), 3) == [[0], [1], [2], [3]]
+    split = probe_protocol(tr, ytr, va, yva, te, yte, Cs, 3)
+    assert split["best_layer"] == whole["best_layer"] == 2 and split["C"] == whole["C"]
+    for a, b in zip(split["per_layer"], whole["per_layer"]):
+        assert a["C"] == b["C"] and a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=0.02)
+
+
 def test_poisoned_test_labels_do_not_change_the_choice():
     (tr, va, te), (ytr, yva, yte) = layered(seed=1)
     for l in tr:  # noqa: E741 - make the choice of C matter: every layer weakly informative

@@ -99,13 +99,16 @@ def _batches(keys: list, feats: dict, per_key: int, n: int, n_classes: int) -> l
 
 def select(train: dict, ytr, val: dict, yva, Cs, n_classes: int, **kw) -> dict:
     """Per key (layer) of ``train``/``val`` feature dicts: {key: (val accuracy, best C)}, fit on train (every
-    key and C of a batch in one ``fit_batch``; each key standardised with its train statistics)."""
+    key and C of a batch in one ``fit_batch``, the grid split when one key's fits alone pass BATCH_ELEMENTS;
+    each key standardised with its train statistics)."""
     res = {}
-    for keys in _batches(list(train), train, len(Cs), len(ytr), n_classes):
+    pc = max(1, min(len(Cs), BATCH_ELEMENTS // max(1, n_classes * len(ytr))))  # C values per fit
+    for keys in _batches(list(train), train, pc, len(ytr), n_classes):
         std = [Standardizer.fit(train[k]) for k in keys]
-        fit = fit_batch(np.stack([s(train[k]) for s, k in zip(std, keys)]), np.tile(ytr, (len(keys), 1)),
-                        [list(Cs)] * len(keys), n_classes, **kw)
-        accs = fit.accuracy(np.stack([s(val[k]) for s, k in zip(std, keys)]), np.asarray(yva)[None])
+        Xtr, Xva = (np.stack([s(f[k]) for s, k in zip(std, keys)]) for f in (train, val))
+        accs = np.concatenate([fit_batch(Xtr, np.tile(ytr, (len(keys), 1)), [list(Cs[i:i + pc])] * len(keys),
+                                         n_classes, **kw).accuracy(Xva, np.asarray(yva)[None])
+                               for i in range(0, len(Cs), pc)], axis=1)
         res.update({k: (float(row[j]), float(Cs[j])) for k, row in zip(keys, accs) for j in [best_index(row, Cs)]})
     return {k: res[k] for k in train}
 
