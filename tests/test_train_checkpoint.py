@@ -80,6 +80,32 @@ def test_interrupted_save_leaves_the_last_good_checkpoint(shards, tmp_path, monk
     assert latest_checkpoint(root).name == "step-000002"
 
 
+def test_resume_auto_sets_a_damaged_newest_checkpoint_aside_and_uses_the_one_before(shards, tmp_path, capsys):
+    """The newest checkpoint's weights are damaged after it was written: --resume auto warns, keeps it as
+    step-NNNNNN.unreadable, resumes from the previous one, and ends where an undisturbed run ends."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny(shards, a, steps=6, keep=2))
+    train(tiny(shards, b, steps=6, keep=2))
+    root = b / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step-000004", "step-000006"]
+    damaged = root / "step-000006" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    capsys.readouterr()
+    train(tiny(shards, b, steps=6, keep=2, resume="auto"))
+    err = capsys.readouterr().err
+    assert "step-000006/model.safetensors: corrupt" in err and "kept as step-000006.unreadable" in err
+    assert "resuming from step-000004" in err
+    assert (root / "step-000006.unreadable" / "model.safetensors").stat().st_size == 100  # nothing lost
+    assert latest_checkpoint(root).name == "step-000006" and (root / "latest").read_text() == "step-000006\n"
+    pa, pb = (load_file(r / "checkpoints" / "step-000006" / "model.safetensors") for r in (a, b))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)  # the replayed steps 5-6 are the same steps
+    # an explicit --resume of a damaged checkpoint is an error, not a fallback
+    damaged = root / "step-000006" / "optimizer.pt"
+    damaged.write_bytes(b"not a torch file")
+    with pytest.raises(IgptError, match="optimizer.pt"):
+        train(tiny(shards, b, steps=6, keep=2, resume=str(root / "step-000006")))
+
+
 def test_resume_refuses_another_model_and_changed_settings(shards, tmp_path):
     train(tiny(shards, tmp_path / "run", steps=2))
     with pytest.raises(IgptError, match="checkpoint of another model.*n_layer"):

@@ -11,6 +11,7 @@ clipping. Steps are counted from 1 in metrics and checkpoint names (step-000010 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -30,9 +31,11 @@ from igpt.train_config import TrainConfig, changed_fields
 from igpt.train_log import METRICS, PLOT, RunLog, bits
 from igpt.train_state import (
     latest_checkpoint,
+    load_newest,
     load_train_checkpoint,
     rng_state,
     save_train_checkpoint,
+    set_aside,
     set_rng_state,
 )
 
@@ -157,13 +160,20 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
     opt = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                             fused=fused)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    start, best = 0, None
+    start, best, state, skipped = 0, None, None, []
+    if resume is not None and cfg.resume == "auto":  # the newest that loads: a damaged one is set aside
+        resume, state, skipped = load_newest(ckpt_root, mcfg, load_train_checkpoint) or (None, None, [])
+    elif resume is not None:
+        state = load_train_checkpoint(resume, mcfg)
     seen = D.gather_objects(str(resume))  # every rank must see the same files (a shared disk)
     if len(set(seen)) > 1:
         raise IgptError(f"ranks would resume from different checkpoints ({seen}); --out must be on a file "
                         "system that every machine shares")
-    if resume is not None:
-        state = load_train_checkpoint(resume, mcfg)
+    if info.is_main:  # after every rank has loaded (the gather above): nothing reads the damaged ones now
+        for path, why in skipped:
+            print(f"warning: {why}; kept as {set_aside(path, resume).name}, resuming from {resume.name}",
+                  file=sys.stderr, flush=True)
+    if state is not None:
         bad = changed_fields(state["meta"]["train_config"], cfg)
         if bad:
             raise IgptError(f"{resume}: cannot resume with changed settings {bad} (saved: "

@@ -124,6 +124,35 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def load_newest(ckpt_root: Path, model_cfg, load=None) -> tuple[Path, dict, list[tuple[Path, str]]] | None:
+    """(path, state, skipped) of the newest complete checkpoint that loads (with ``load``, by default
+    ``load_train_checkpoint``), the newer ones that did not and why; None if there is no checkpoint. When none
+    loads, the newest's error."""
+    load = load or load_train_checkpoint
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            return path, load(path, model_cfg), skipped
+        except IgptError as e:
+            skipped.append((path, str(e)))
+    if skipped:
+        raise IgptError(f"{skipped[0][1]} (no older checkpoint under {ckpt_root} loads either)")
+    return None
+
+
+def set_aside(path: Path, current: Path) -> Path:
+    """Rename a checkpoint that does not load to ``step-NNNNNN.unreadable[-k]`` (kept for inspection, no longer
+    listed, never pruned, its step number free to be written again) and point ``latest`` at ``current``, the
+    checkpoint the run resumed from. Returns the new path."""
+    target = path.with_name(path.name + ".unreadable")
+    k = 1
+    while target.exists():
+        target, k = path.with_name(f"{path.name}.unreadable-{k}"), k + 1
+    path.rename(target)
+    atomic_write_bytes(path.parent / LATEST, (current.name + "\n").encode())
+    return target
+
+
 def load_train_checkpoint(path: Path, model_cfg) -> dict:
     """{'model': state dict, 'optim': state dict, 'rng': [per-rank states], 'meta': dict}; IgptError when the
     directory is incomplete or holds a model of another shape than ``model_cfg``."""
