@@ -5,6 +5,7 @@ as RESULT_DIR/rank{r}.safetensors.
 Faults (argv[3]):
   kill:R:K   rank R sends itself SIGKILL after optimizer step K, on torchrun's first attempt only
   nan:R:K    rank R's loss at step K is NaN (the other ranks' are fine)
+  full:R:K   rank R's metrics write at step K fails with ENOSPC (only rank 0 writes metrics)
 """
 
 from __future__ import annotations
@@ -49,6 +50,17 @@ if __name__ == "__main__":
         return loss * float("nan") if kind == "nan" and rank == fault_rank and calls["loss"] == fault_step else loss
 
     T.load_train_checkpoint, T.lr_at, T.micro_loss = load, lr_at, micro_loss
+    if kind == "full" and rank == fault_rank:
+        import errno
+
+        real_log = T.RunLog.log
+
+        def log(self, row):
+            if row.get("step") == fault_step and "loss" in row:
+                raise OSError(errno.ENOSPC, "No space left on device", str(self.out / "metrics.jsonl"))
+            return real_log(self, row)
+
+        T.RunLog.log = log
     started = D.init_distributed(torch.device("cpu"))
     try:
         res = T.train(cfg)

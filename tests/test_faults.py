@@ -242,3 +242,19 @@ def test_nan_on_one_rank_stops_every_rank_before_the_update(shards, tmp_path):
     assert all(x["error"] and "non-finite loss (nan) at step 4" in x["error"] for x in reports), reports
     root = tmp_path / "two" / "checkpoints"
     assert latest_checkpoint(root).name == "step-000003" and not (root / "step-000004").exists()
+
+
+@pytest.mark.distributed
+def test_a_failed_metrics_write_on_rank_0_stops_every_rank_promptly(shards, tmp_path):
+    """Only rank 0 writes the run's files; when that fails (a full disk) the other rank must not wait for it in
+    the next collective until the process group's timeout."""
+    import time
+
+    cfg = tiny(shards, tmp_path / "two", steps=20, save_every=100, batch_size=8, micro_batch_size=4)
+    t = time.monotonic()
+    r = torchrun(cfg, tmp_path / "res", "full:0:3")
+    took = time.monotonic() - t
+    assert r.returncode != 0
+    report = json.loads((tmp_path / "res" / "rank0.json").read_text())
+    assert "No space left on device" in report["error"] and "metrics.jsonl" in report["error"]
+    assert took < 60, (took, r.stderr[-2000:])
