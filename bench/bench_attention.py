@@ -1,10 +1,10 @@
-"""Attention paths by length and dtype: why igpt.model.attention picks what it picks. Prints one JSON object.
+"""Attention paths by length and dtype: why igpt.ops.attention picks what it picks. Prints one JSON object.
 
   .venv/bin/python bench/bench_attention.py [--quick] [--threads 2]
 
 For each case (batch, 4 heads, head_dim 32, causal; forward + backward of a sum, median of timed repeats, the
 three implementations interleaved A B C / C B A over rounds):
-  igpt               igpt.model.attention (the path it chooses for this dtype and length)
+  igpt               igpt.ops.attention (the path it chooses for this dtype and length)
   flash              F.scaled_dot_product_attention (the fused CPU flash kernel)
   matmul_masked_fill 4-D matmul, scale, masked_fill of the upper triangle, softmax, matmul (the plain formulation)
 Inputs are laid out as the model makes them: views of one (B, T, 3, H, hd) projection output.
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from igpt.model import attention
+    from igpt.ops import attention
 
     torch.set_num_threads(args.threads)
     impls = {

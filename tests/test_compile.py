@@ -1,7 +1,7 @@
 """`igpt train --compile`: compiled blocks compute the same gradients as the eager model (bench/compile_check.py).
 
 On torch 2.11 + an H100 they did not under bf16 autocast (relative error ~1): the compiled path now traces the
-plain compositions instead of igpt's hand-written autograd Functions (igpt.model.rms_norm)."""
+plain compositions instead of igpt's hand-written autograd Functions (igpt.ops.rms_norm)."""
 
 from __future__ import annotations
 

@@ -18,10 +18,9 @@ from igpt.model import (
     ar_loss,
     bert_loss,
     bert_mask,
-    norm_linear,
     quick_gelu,
-    rms_norm,
 )
+from igpt.ops import norm_linear, rms_norm
 from igpt.presets import PRESETS, get_preset
 
 
@@ -275,7 +274,7 @@ def test_rejects_sequences_longer_than_the_context():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_low_precision_short_attention_path_matches_sdpa(causal):
-    from igpt.model import attention
+    from igpt.ops import attention
 
     q, k, v = (torch.randn(2, 3, 64, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
