@@ -126,6 +126,7 @@ def bert_loss(logits: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor) ->
     return per_image.mean()
 
 
+# -- modules ------------------------------------------------------------------------------------------------
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float):
         super().__init__()
