@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import torch
-from common import Contention, others_summary
+from common import Contention, ab_order, others_summary
 
 from igpt.logreg import Standardizer, fit_batch, fit_logreg, objective
 from igpt.probe import DEFAULT_CS
@@ -31,6 +31,22 @@ def features(n: int, d: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndar
     return X.astype(np.float32), y
 
 
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Run ``fns['ours']`` and ``fns['reference']`` ``repeats`` times each, alternating which goes first
+    (common.ab_order). -> {side: (seconds per run, the last run's result), 'others': others_cores per round}."""
+    times: dict = {k: [] for k in fns}
+    last: dict = {}
+    others = []
+    for r in range(repeats):
+        with Contention() as c:
+            for side in ab_order(r):
+                t = time.perf_counter()
+                last[side] = fns[side]()
+                times[side].append(time.perf_counter() - t)
+        others.append(c.others)
+    return {**{k: (times[k], last[k]) for k in fns}, "others": others}
+
+
 def probe_fit_case(quick: bool, n: int = 20000, d: int = 256, C: float = 0.1) -> dict:
     """Seconds per fit, ours against sklearn (median, alternating); ratio = sklearn s / ours s."""
     from sklearn.linear_model import LogisticRegression
@@ -39,26 +55,15 @@ def probe_fit_case(quick: bool, n: int = 20000, d: int = 256, C: float = 0.1) ->
     X, y = features(n + n // 4, d, 10)
     s = Standardizer.fit(X[:n])
     Xtr, ytr, Xte, yte = s(X[:n]), y[:n], s(X[n:]), y[n:]
-    t_ours, t_ref, others = [], [], []
-    for _ in range(repeats):
-        with Contention() as c:
-            t = time.perf_counter()
-            ours = fit_logreg(Xtr, ytr, C, 10, device="cpu")
-            t_ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            ref = LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr)
-            t_ref.append(time.perf_counter() - t)
-        others.append(c.others)
-    s_ours, s_ref, sweep_others = [], [], []
-    for _ in range(repeats):
-        with Contention() as c:
-            t = time.perf_counter()
-            batch = fit_batch(Xtr[None], ytr[None], [list(DEFAULT_CS)], 10, device="cpu")
-            s_ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            refs = [LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr) for C in DEFAULT_CS]
-            s_ref.append(time.perf_counter() - t)
-        sweep_others.append(c.others)
+    single = interleaved({"ours": lambda: fit_logreg(Xtr, ytr, C, 10, device="cpu"),
+                          "reference": lambda: LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr)},
+                         repeats)
+    grid = interleaved({"ours": lambda: fit_batch(Xtr[None], ytr[None], [list(DEFAULT_CS)], 10, device="cpu"),
+                        "reference": lambda: [LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr)
+                                              for C in DEFAULT_CS]},
+                       repeats)
+    (t_ours, ours), (t_ref, ref), others = single["ours"], single["reference"], single["others"]
+    (s_ours, batch), (s_ref, refs) = grid["ours"], grid["reference"]
     sweep = {
         "Cs": list(DEFAULT_CS),
         "ours": {"seconds": round(statistics.median(s_ours), 3), "iterations": batch.iterations[0].tolist(),
@@ -68,7 +73,7 @@ def probe_fit_case(quick: bool, n: int = 20000, d: int = 256, C: float = 0.1) ->
                       "test_accuracy": [round(float(r.score(Xte, yte)), 4) for r in refs],
                       "what": "one sklearn LogisticRegression(lbfgs) fit per C"},
         "ratio": round(statistics.median(s_ref) / statistics.median(s_ours), 2),
-        "others_cores": others_summary(sweep_others),
+        "others_cores": others_summary(grid["others"]),
     }
     Xt, yt = torch.tensor(Xtr, dtype=torch.float64), torch.tensor(ytr)
     ref_obj = objective(torch.tensor(ref.coef_).double(), torch.tensor(ref.intercept_).double(), Xt, yt, C).item()
