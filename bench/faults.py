@@ -221,7 +221,7 @@ def run_trials(shards: Path, work: Path, trials: int, steps: int, seed: int, lau
     plans = []
     for i in range(trials):  # drawn up front, so the plan does not depend on jobs
         if i % 2 == 0:
-            plans.append(("point", (POINTS[(i // 2) % len(POINTS)], rng.randint(3, steps - 1))))
+            plans.append(("point", (POINTS[(i // 2) % len(POINTS)], rng.randint(3, steps))))  # last step too
         else:
             plans.append(("time", rng.uniform(0.1, 1.0) * duration))
 

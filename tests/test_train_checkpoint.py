@@ -80,6 +80,27 @@ def test_interrupted_save_leaves_the_last_good_checkpoint(shards, tmp_path, monk
     assert latest_checkpoint(root).name == "step-000002"
 
 
+def test_resume_of_a_finished_run_removes_what_its_killed_last_save_left(shards, tmp_path, monkeypatch):
+    """The last step's save is cut short while it prunes the oldest checkpoint (half-deleted, hidden): resuming
+    the finished run has no step left to run, and still removes it (no later save would)."""
+    real = TS.shutil.rmtree
+
+    def dies(path, *a, **k):
+        if str(path).endswith(".deleting"):
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(TS.shutil, "rmtree", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(shards, tmp_path / "run", steps=3, keep=2, save_every=1))
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == [".step-000001.deleting", "latest", "step-000002",
+                                                      "step-000003"]
+    monkeypatch.setattr(TS.shutil, "rmtree", real)
+    assert train(tiny(shards, tmp_path / "run", steps=3, keep=2, save_every=1, resume="auto"))["losses"] == {}
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000002", "step-000003"]
+
+
 def test_resume_auto_sets_a_damaged_newest_checkpoint_aside_and_uses_the_one_before(shards, tmp_path, capsys):
     """The newest checkpoint's weights are damaged after it was written: --resume auto warns, keeps it as
     step-NNNNNN.unreadable, resumes from the previous one, and ends where an undisturbed run ends."""

@@ -33,6 +33,7 @@ from igpt.train_state import (
     latest_checkpoint,
     load_newest,
     load_train_checkpoint,
+    remove_leftovers,
     rng_state,
     save_train_checkpoint,
     set_aside,
@@ -173,6 +174,8 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         for path, why in skipped:
             print(f"warning: {why}; kept as {set_aside(path, resume).name}, resuming from {resume.name}",
                   file=sys.stderr, flush=True)
+        if resume is not None:  # a save killed at its last step (pruning) has no later save to clean up after it
+            remove_leftovers(ckpt_root)
     if state is not None:
         bad = changed_fields(state["meta"]["train_config"], cfg)
         if bad:

@@ -82,10 +82,16 @@ def save_train_checkpoint(ckpt_root: Path, model_state: dict, model_cfg, palette
     atomic_write_bytes(ckpt_root / LATEST, (path.name + "\n").encode())  # only after the directory is in place
     for old in list_checkpoints(ckpt_root)[:-keep]:
         _remove(old)
-    for junk in ckpt_root.glob(".*"):  # what a killed process left: temporary or half-deleted directories
+    remove_leftovers(ckpt_root)
+    return path
+
+
+def remove_leftovers(ckpt_root: Path) -> None:
+    """Delete what a killed save left under ``ckpt_root``: temporary or half-deleted directories (hidden names
+    that no reader lists). Call on rank 0 only, with no other save in progress."""
+    for junk in ckpt_root.glob(".*"):
         if _LEFTOVER.match(junk.name):
             _remove(junk)
-    return path
 
 
 def _remove(path: Path) -> None:
