@@ -12,7 +12,8 @@
   batch 16 (and 32, which may run out of memory: recorded). Model FLOPs per token 6 N + 12 L T d
   (common.flops_per_token); peak memory = torch.cuda.max_memory_allocated of the case.
 - sample: completion of the bottom half of T-token images (top-k 40, same weights, fp32 with TF32 matmuls)
-  at batch 8 and 64; ours igpt.sample.generate against generate(do_sample=True, top_k=40, use_cache=True),
+  at batch 8 and 64; ours igpt.sample.generate (plain, and with cuda_graph=True: each decode step one replayed
+  CUDA graph) against generate(do_sample=True, top_k=40, use_cache=True),
   interleaved A B, B A; median of --repeats.
 """
 
@@ -150,8 +151,8 @@ def sample_case(cfg, batch: int, repeats: int, device) -> dict:
     prefix = torch.randint(0, cfg.palette_size, (batch, P))
     ctx = torch.cat([torch.full((batch, 1), cfg.sos_id), prefix], 1).to(device)
 
-    def run_ours():
-        out = generate(ours, batch, prefix=prefix, top_k=40, seed=0, batch_size=batch)
+    def run_ours(cuda_graph=False):
+        out = generate(ours, batch, prefix=prefix, top_k=40, seed=0, batch_size=batch, cuda_graph=cuda_graph)
         sync(device)
         return out
 
@@ -161,11 +162,17 @@ def sample_case(cfg, batch: int, repeats: int, device) -> dict:
         sync(device)
         return out
 
-    impls = {"igpt": run_ours, "transformers": run_ref}
+    impls = {"igpt": run_ours, "igpt_cuda_graph": lambda: run_ours(True), "transformers": run_ref}
     assert run_ours().shape == (batch, T) and run_ref().shape == (batch, T + 1)  # warm-up, same length
+    graph_error = None
+    try:  # not yet run on a GPU when written: a failure must not cost the other rows
+        assert run_ours(True).shape == (batch, T)
+    except Exception as e:  # noqa: BLE001
+        graph_error = f"{type(e).__name__}: {e}"[:300]
+        del impls["igpt_cuda_graph"]
     times = {k: [] for k in impls}
     for r in range(repeats):
-        for name in (("igpt", "transformers") if r % 2 == 0 else ("transformers", "igpt")):
+        for name in (list(impls) if r % 2 == 0 else list(impls)[::-1]):
             t = time.perf_counter()
             impls[name]()
             times[name].append(time.perf_counter() - t)
@@ -174,6 +181,10 @@ def sample_case(cfg, batch: int, repeats: int, device) -> dict:
            **{k: {"images_s": round(batch / med[k], 2), "seconds_runs": [round(x, 3) for x in v]}
               for k, v in times.items()},
            "ratio": round(med["transformers"] / med["igpt"], 2)}
+    if graph_error is None:
+        row["ratio_cuda_graph"] = round(med["transformers"] / med["igpt_cuda_graph"], 2)
+    else:
+        row["cuda_graph_error"] = graph_error
     print(f"# sample {row}", file=sys.stderr)
     return row
 

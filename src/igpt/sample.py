@@ -45,7 +45,7 @@ class Decoder:
     """
 
     @torch.inference_mode()
-    def __init__(self, model: ImageGPT, batch: int):
+    def __init__(self, model: ImageGPT, batch: int, static: bool = False):
         cfg = model.config
         if not cfg.causal:
             raise IgptError("sampling needs an autoregressive ('ar') model; this one is 'bert'")
@@ -72,11 +72,15 @@ class Decoder:
         # Keys transposed (L, B, H, hd, T) and values (L, B, H, T, hd): the single-row attention then reads both
         # as contiguous rows. Once the cache outgrows the CPU caches (t ~ 1000 at s32) this streamed 1.4x faster
         # than SDPA over a (B, H, T, hd) key cache; over a whole 32x32 image the two measured about equal.
-        # Entries at positions >= pos are garbage until written.
-        self.k = torch.empty(cfg.n_layer, batch, H, hd, T, dtype=p.dtype, device=p.device)
-        self.v = torch.empty(cfg.n_layer, batch, H, T, hd, dtype=p.dtype, device=p.device)
+        # Entries at positions >= pos are garbage until written; ``static`` zeroes them (step_static reads them,
+        # masked, and 0 * NaN garbage would be NaN).
+        alloc = torch.zeros if static else torch.empty
+        self.k = alloc(cfg.n_layer, batch, H, hd, T, dtype=p.dtype, device=p.device)
+        self.v = alloc(cfg.n_layer, batch, H, T, hd, dtype=p.dtype, device=p.device)
         self.logits = torch.empty(batch, cfg.palette_size, dtype=p.dtype, device=p.device)
+        self.positions = torch.arange(T, device=p.device) if static else None  # (T,)
         self.pos = 0
+        self.graph = None
 
     def _norm_linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,6 +117,12 @@ class Decoder:
         t = self.pos
         if t >= self.cfg.seq_len:
             raise IgptError(f"the sequence is full ({self.cfg.seq_len} positions)")
+        if self.graph is not None:  # the recorded step_static: inputs into its buffers, one replay
+            self.g_tok.copy_(tok)
+            self.g_pos.fill_(t)
+            self.graph.replay()
+            self.pos = t + 1
+            return self.logits
         B, H, hd, d = self.B, self.cfg.n_head, self.cfg.head_dim, self.cfg.n_embd
         x = torch.add(self.wte[tok], self.wpe[t])  # (B, d)
         ks, vs = self.k.select(4, t), self.v.select(3, t)  # (L, B, H, hd): where this position's k, v go
@@ -128,6 +138,48 @@ class Decoder:
             x = torch.addmm(x, f, ly.w_p).add_(ly.b_p)
         self.pos = t + 1
         return self._norm_linear(x, self.w_head, out=self.logits)
+
+    @torch.inference_mode()
+    def step_static(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """step() with fixed shapes and the position on the device: tok (B,) ids at position ``pos`` (a 0-dim
+        long tensor) -> logits (B, K); self.pos is not used or changed. Attention runs over the whole cache with
+        the positions after ``pos`` masked (more reads than step's prefix, the same result), so that one CUDA
+        graph can replay every step (``capture``). Needs a decoder built with ``static=True``."""
+        if self.positions is None:
+            raise IgptError("step_static needs a Decoder built with static=True")
+        B, H, hd, d = self.B, self.cfg.n_head, self.cfg.head_dim, self.cfg.n_embd
+        at = pos.view(1)
+        x = self.wte[tok] + self.wpe.index_select(0, at)  # (B, d)
+        bias = torch.zeros_like(self.positions, dtype=x.dtype).masked_fill_(self.positions > pos, float("-inf"))
+        for i, ly in enumerate(self.layers):
+            qkv = self._norm_linear(x, ly.w_qkv, ly.b_qkv).view(B, 3, H, hd)
+            self.k[i].index_copy_(3, at, qkv[:, 1].unsqueeze(-1))  # (B, H, hd, T) at column pos
+            self.v[i].index_copy_(2, at, qkv[:, 2].unsqueeze(2))  # (B, H, T, hd) at row pos
+            a = torch.matmul(qkv[:, 0].unsqueeze(2), self.k[i]).add_(bias)  # (B, H, 1, T); q is pre-scaled
+            y = torch.matmul(torch.softmax(a, dim=-1), self.v[i])  # (B, H, 1, hd)
+            x = torch.addmm(x, y.view(B, d), ly.w_o).add_(ly.b_o)
+            f = F.silu(self._norm_linear(x, ly.w_fc, ly.b_fc), inplace=True)
+            x = torch.addmm(x, f, ly.w_p).add_(ly.b_p)
+        return self._norm_linear(x, self.w_head, out=self.logits)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Record step_static as one CUDA graph; step() then replays it (one launch per token instead of ~20
+        kernel launches per layer, which bound small-batch decoding on a GPU). Call before prefill: the warm-up
+        runs write cache position 0, which prefill then overwrites."""
+        if self.positions is None or self.k.device.type != "cuda":
+            raise IgptError("CUDA graph decoding needs a CUDA device and a Decoder built with static=True")
+        self.g_tok = torch.zeros(self.B, dtype=torch.long, device=self.k.device)
+        self.g_pos = torch.zeros((), dtype=torch.long, device=self.k.device)
+        side = torch.cuda.Stream(self.k.device)
+        side.wait_stream(torch.cuda.current_stream(self.k.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph (lazy initialisation, kernel selection)
+            for _ in range(2):
+                self.step_static(self.g_tok, self.g_pos)
+        torch.cuda.current_stream(self.k.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step_static(self.g_tok, self.g_pos)
 
 
 # -- choosing the next token ----------------------------------------------------------------------------------
@@ -174,16 +226,19 @@ def pick_tokens(logits: torch.Tensor, u: torch.Tensor, generator: torch.Generato
 
 def generate(model: ImageGPT, n: int, *, prefix: torch.Tensor | None = None, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-             batch_size: int | None = None) -> torch.Tensor:
+             batch_size: int | None = None, cuda_graph: bool = False) -> torch.Tensor:
     """Sample ``n`` images -> palette ids (n, n_px^2) long, on CPU.
 
     ``prefix`` (n, P) ids: the first P pixels of each image, kept unchanged (completion); None: unconditional.
     ``top_k=1`` is greedy. The same seed, n and batch size give the same images. Batches default to the
-    most that keep the KV cache under ~1 GiB.
+    most that keep the KV cache under ~1 GiB. ``cuda_graph`` (CUDA models only): each decode step is one
+    replayed CUDA graph of ``Decoder.step_static``; the sampling itself stays outside the graph.
     """
     check_sampling(temperature, top_k, top_p)
     cfg = model.config
     T, dev = cfg.seq_len, next(model.parameters()).device
+    if cuda_graph and dev.type != "cuda":
+        raise IgptError(f"cuda_graph needs a model on a CUDA device, not {dev.type}")
     P = 0 if prefix is None else prefix.shape[1]
     if prefix is not None and (prefix.ndim != 2 or prefix.shape[0] != n or P >= T):
         raise IgptError(f"prefix must be ({n}, < {T}) ids, got {tuple(prefix.shape)}")
@@ -195,7 +250,9 @@ def generate(model: ImageGPT, n: int, *, prefix: torch.Tensor | None = None, tem
     for lo in range(0, n, batch_size):
         B = min(batch_size, n - lo)
         with torch.inference_mode():
-            dec = Decoder(model, B)
+            dec = Decoder(model, B, static=cuda_graph)
+            if cuda_graph:
+                dec.capture()
             ids = torch.full((B, 1 + P), cfg.sos_id, dtype=torch.long, device=dev)  # [SOS, prefix]
             if P:
                 ids[:, 1:] = prefix[lo:lo + B].to(dev)
