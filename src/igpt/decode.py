@@ -36,7 +36,8 @@ class Decoder:
 
     ``prefill(idx)`` runs the first tokens (B, P) in one causal pass and returns the logits (B, K) of the last
     one; ``step(tok)`` feeds one token per sequence (B,) at the next position and returns its logits (B, K).
-    AR models only. The returned logits live in a buffer reused by the next call.
+    AR models only. The returned logits live in a buffer reused by the next call. ``static=True`` zeroes the
+    cache for ``step_static`` (fixed shapes) and ``capture`` (on CUDA, step() then replays one recorded graph).
     """
 
     @torch.inference_mode()
