@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 
@@ -106,6 +108,71 @@ def test_train_command_and_python_m_igpt(tmp_path):
             "4", "--out", str(tmp_path / "bad"))
     assert r.returncode == 2 and "not divisible by ranks x micro_batch_size" in r.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def _train_config_of(monkeypatch, argv: list[str]):
+    """The TrainConfig that `igpt train ARGV` would train with (the training itself replaced)."""
+    import igpt.train
+
+    seen = {}
+    monkeypatch.setattr(igpt.train, "train", lambda cfg: seen.setdefault("cfg", cfg) and {"losses": {}})
+    assert main(["train", *argv]) == 0
+    return seen["cfg"]
+
+
+def test_train_settings_file_then_flags_then_defaults(tmp_path, monkeypatch):
+    from igpt.train_config import TrainConfig
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('data = "shards"\nsteps = 7\nlr = 0.002\nbetas = [0.9, 0.99]\naugment = true\n'
+                    "[model_overrides]\nn_layer = 3\n")
+    cfg = _train_config_of(monkeypatch, ["--config", str(toml), "--steps", "9", "--n-embd", "48"])
+    assert (cfg.data, cfg.steps, cfg.lr, cfg.betas, cfg.augment) == ("shards", 9, 0.002, (0.9, 0.99), True)
+    assert cfg.model_overrides == {"n_layer": 3, "n_embd": 48}  # the flag adds to the file's table
+    assert cfg.batch_size == TrainConfig.batch_size and cfg.warmup == TrainConfig.warmup  # neither sets them
+    # a flag equal to TrainConfig's default still wins over the file
+    assert _train_config_of(monkeypatch, ["--config", str(toml), "--lr", "1e-3"]).lr == 1e-3
+    # a run's own config.json (train + model sections) repeats that run; JSON gives lists for tuples
+    run_json = tmp_path / "config.json"
+    run_json.write_text(json.dumps({"train": cfg.to_dict(), "model": {"n_layer": 3}, "world_size": 1}))
+    again = _train_config_of(monkeypatch, ["--config", str(run_json), "--out", str(tmp_path / "again")])
+    assert again.to_dict() == {**cfg.to_dict(), "out": str(tmp_path / "again")}
+
+
+def test_train_help_defaults_are_the_config_defaults():
+    from igpt.train_config import TrainConfig
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    checked = 0
+    for action in sub._actions:
+        m = re.search(r"\(default ([^)]+)\)", action.help or "")
+        if m and action.dest != "help":
+            said, default = m.group(1).split(",")[0].strip(), getattr(TrainConfig, action.dest)
+            assert (float(said) == default if isinstance(default, (int, float)) else said == str(default)), action.dest
+            checked += 1
+    assert checked >= 15
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("a.toml", 'data = "s"\nstepz = 3\n', "unknown field(s) ['stepz']"),
+    ("a.json", '{"data": "s", "lr": "0.1"}', "lr must be float, got '0.1'"),
+    ("a.json", '{"data": "s", "steps": true}', "steps must be int, got True"),
+    ("a.json", '{"data": "s", "betas": [0.9]}', "betas must be tuple[float, float]"),
+    ("a.json", '{"data": "s", "model_overrides": 3}', "model_overrides must be"),
+    ("a.toml", 'data = "s"\nsteps = \n', "not a readable TOML file"),
+    ("a.json", "[1, 2]", "expected a table of settings, got list"),
+    ("a.yaml", "data: s\n", "expected a .json or .toml file"),
+    ("a.toml", "steps = 3\n", "--data is required"),
+    ("missing.json", None, "no such file"),
+])
+def test_bad_settings_files_are_one_line_errors(tmp_path, capsys, name, text, message):
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    extra = ["--n-layer", "2"] if "model_overrides" in (text or "") else []
+    assert main(["train", "--config", str(path), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("igpt: error: ") and message in err[0], err
 
 
 def test_eval_and_probe_commands(tmp_path, capsys, monkeypatch):

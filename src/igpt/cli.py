@@ -11,6 +11,8 @@ import sys
 from igpt import __version__
 from igpt.errors import IgptError
 
+MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_px", "palette_size")  # `igpt train` flags over the preset
+TRAIN_NOT_SETTINGS = ("command", "func", "config")  # argparse entries of `igpt train` that are not settings
 DATA_HELP = ("a named data set ({names}), an image folder (root/<class>/*.png or flat), a CIFAR batch folder "
              "or file, an IDX image file, an .npz/.npy array file, or openai-npy:DIR for OpenAI's "
              "pre-quantized trX/vaX/teX.npy (palette ids already; give --palette kmeans_centers.npy)")
@@ -104,20 +106,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from igpt.train import train
-    from igpt.train_config import TrainConfig
+    from igpt.train_config import TrainConfig, read_config_file
 
-    overrides = {k: getattr(args, k) for k in ("n_layer", "n_embd", "n_head", "n_px", "palette_size")
-                 if getattr(args, k) is not None}
-    cfg = TrainConfig(
-        data=args.data, preset=args.preset, model_overrides=overrides, objective=args.objective, out=args.out,
-        steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size, lr=args.lr,
-        warmup=args.warmup, weight_decay=args.weight_decay, dropout=args.dropout, grad_clip=args.grad_clip,
-        augment=args.augment, dtype=args.dtype, compile=args.compile,
-        activation_checkpointing=args.activation_checkpointing, fsdp=args.fsdp, device=args.device,
-        seed=args.seed, log_every=args.log_every, eval_every=args.eval_every, eval_images=args.eval_images,
-        save_every=args.save_every, keep=args.keep, resume=args.resume, stop_at=args.stop_at,
-        time_limit=args.time_limit, progress=args.progress,
-    )
+    settings = read_config_file(args.config) if args.config else {}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in TRAIN_NOT_SETTINGS}
+    overrides = {k: given.pop(k) for k in MODEL_FLAGS if k in given}  # flags over the file's, key by key
+    if overrides:
+        base = settings.get("model_overrides", {})
+        if not isinstance(base, dict):
+            raise IgptError(f"train config: model_overrides must be a table of model fields, got {base!r}")
+        given["model_overrides"] = {**base, **overrides}
+    settings.update(given)  # TrainConfig's own defaults for whatever neither sets
+    if "data" not in settings:
+        raise IgptError("train: --data is required (or a 'data' setting in the --config file)")
+    cfg = TrainConfig.from_dict(settings)
     res = train(cfg)
     from igpt.distributed import print0
 
@@ -305,39 +307,41 @@ def build_parser() -> argparse.ArgumentParser:
                     "weight decay or dropout, gradient clipping. --batch-size is the global batch, split over "
                     "ranks (torchrun) and micro-batches. OUT gets config.json, metrics.jsonl, loss.png and "
                     "checkpoints/ (step-NNNNNN directories and a 'latest' pointer).")
-    t.add_argument("--data", required=True, help="token shards from `igpt prepare`")
-    t.add_argument("--preset", default="cpu-small", help="model size: tiny, cpu-small, cpu-base, igpt-s, igpt-m, igpt-l, igpt-xl (default cpu-small)")
-    t.add_argument("--objective", choices=("ar", "bert"), default="ar", help="next pixel (ar) or masked pixel")
-    t.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    t.add_argument("--batch-size", type=int, default=64, help="global batch in images (default 64)")
+    t.add_argument("--config", help="settings from a .json or .toml file (TrainConfig field names, or a run's "
+                                    "config.json); flags given here override them")
+    t.add_argument("--data", help="token shards from `igpt prepare` (required, here or in --config)")
+    t.add_argument("--preset", help="model size: tiny, cpu-small, cpu-base, igpt-s, igpt-m, igpt-l, igpt-xl (default cpu-small)")
+    t.add_argument("--objective", choices=("ar", "bert"), help="next pixel (ar) or masked pixel (default ar)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default 1000)")
+    t.add_argument("--batch-size", type=int, help="global batch in images (default 64)")
     t.add_argument("--micro-batch-size", type=int, help="images per forward pass per rank (default: all)")
-    t.add_argument("--out", default="runs/igpt", help="run directory (default runs/igpt)")
+    t.add_argument("--out", help="run directory (default runs/igpt)")
     t.add_argument("--resume", help="'auto': continue the newest checkpoint in OUT, if any; or a checkpoint dir")
-    t.add_argument("--seed", type=int, default=0, help="init, data order, masks, augmentation (default 0)")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default 100)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0, as the paper)")
-    t.add_argument("--dropout", type=float, default=0.0, help="dropout (default 0, as the paper)")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 = off (default 1)")
-    t.add_argument("--augment", action="store_true", help="random crop (reflect pad) + horizontal flip")
-    t.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+    t.add_argument("--seed", type=int, help="init, data order, masks, augmentation (default 0)")
+    t.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    t.add_argument("--warmup", type=int, help="linear warm-up steps (default 100)")
+    t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as the paper)")
+    t.add_argument("--dropout", type=float, help="dropout (default 0, as the paper)")
+    t.add_argument("--grad-clip", type=float, help="max gradient norm; 0 = off (default 1)")
+    t.add_argument("--augment", action="store_true", default=None, help="random crop (reflect pad) + horizontal flip")
+    t.add_argument("--dtype", choices=("auto", "fp32", "bf16"),
                    help="autocast dtype; auto = bf16 on CUDA and CPUs with native bf16, else fp32")
-    t.add_argument("--compile", action="store_true", help="torch.compile each block")
-    t.add_argument("--activation-checkpointing", action="store_true", help="recompute blocks in backward")
-    t.add_argument("--fsdp", action="store_true", help="shard with FSDP2 instead of DDP under torchrun")
+    t.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
+    t.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute blocks in backward")
+    t.add_argument("--fsdp", action="store_true", default=None, help="shard with FSDP2 instead of DDP under torchrun")
     t.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
-    t.add_argument("--log-every", type=int, default=10, help="steps between metrics rows (default 10)")
-    t.add_argument("--eval-every", type=int, default=500, help="steps between validations; 0 = at the end")
-    t.add_argument("--eval-images", type=int, default=1000, help="val images per validation; 0 = all")
-    t.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (default 500)")
-    t.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    t.add_argument("--log-every", type=int, help="steps between metrics rows (default 10)")
+    t.add_argument("--eval-every", type=int, help="steps between validations; 0 = at the end (default 500)")
+    t.add_argument("--eval-images", type=int, help="val images per validation; 0 = all (default 1000)")
+    t.add_argument("--save-every", type=int, help="steps between checkpoints (default 500)")
+    t.add_argument("--keep", type=int, help="checkpoints kept (default 3)")
     t.add_argument("--stop-at", type=int, help="stop after this step (checkpointing) as if interrupted")
     t.add_argument("--time-limit", type=float, metavar="SECONDS",
                    help="stop (checkpointing) once the loop has run this long; the schedule stays that of --steps")
     t.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
-    for name in ("n-layer", "n-embd", "n-head", "n-px", "palette-size"):
-        t.add_argument(f"--{name}", type=int, help=f"override the preset's {name.replace('-', '_')}")
+    for name in MODEL_FLAGS:
+        t.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"override the preset's {name}")
     t.set_defaults(func=cmd_train)
 
     v = sub.add_parser("eval", help="test-set negative log-likelihood in nats and bits per token",
