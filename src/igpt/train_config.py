@@ -134,9 +134,10 @@ def _has_type(value, hint) -> bool:
         return value is None
     if base in (int, float):
         return not isinstance(value, bool) and isinstance(value, int if base is int else (int, float))
-    if base is tuple:
-        return isinstance(value, (list, tuple)) and all(_has_type(v, h) for v, h in
-                                                        zip(value, typing.get_args(hint))) and len(value) == len(typing.get_args(hint))
+    if base is tuple:  # tuple[float, float]: a list or tuple of exactly those
+        parts = typing.get_args(hint)
+        return (isinstance(value, (list, tuple)) and len(value) == len(parts)
+                and all(_has_type(v, h) for v, h in zip(value, parts)))
     return isinstance(value, base)
 
 
