@@ -142,11 +142,25 @@ def test_source_has_no_eval_and_only_safe_loaders():
     assert "find_class" in _CifarUnpickler.__dict__
 
 
-def test_config_files_are_read_as_json_only():
-    """Every config / meta file is parsed with json (data), never imported or evaluated."""
-    text = "".join(p.read_text() for p in SRC.rglob("*.py"))
+def test_config_files_are_read_as_data_only(tmp_path):
+    """Every config / meta file is parsed as data (json, and tomllib for `igpt train --config`), never imported
+    or evaluated; YAML (whose loaders can build objects) is not read at all. A settings file that looks like code
+    stays a string, and nothing runs."""
+    from igpt.train_config import read_config_file
+
+    files = {p.name: p.read_text() for p in SRC.rglob("*.py")}
+    text = "".join(files.values())
     assert "import_module" not in text and "runpy" not in text and "literal_eval" not in text
-    assert "yaml" not in text and "tomllib" not in text  # (JSON is the one config format)
+    assert "yaml" not in text.lower()
+    assert [n for n, t in files.items() if "tomllib" in t] == ["train_config.py"]  # its one use: tomllib.loads
+    assert files["train_config.py"].count("tomllib.load") == 1 and "tomllib.loads(text)" in files["train_config.py"]
+    marker = tmp_path / "ran"
+    code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    (tmp_path / "c.toml").write_text(f"data = {json.dumps(code)}\n")
+    (tmp_path / "c.json").write_text(json.dumps({"data": code}))
+    for name in ("c.toml", "c.json"):
+        assert read_config_file(tmp_path / name) == {"data": code}
+    assert not marker.exists()
 
 
 def test_ruff_security_rules_catch_unsafe_calls(tmp_path):
