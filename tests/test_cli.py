@@ -139,18 +139,63 @@ def test_train_settings_file_then_flags_then_defaults(tmp_path, monkeypatch):
     assert again.to_dict() == {**cfg.to_dict(), "out": str(tmp_path / "again")}
 
 
-def test_train_help_defaults_are_the_config_defaults():
-    from igpt.train_config import TrainConfig
+@pytest.mark.parametrize("command, module, cls", [("train", "igpt.train_config", "TrainConfig"),
+                                                   ("finetune", "igpt.finetune", "FinetuneConfig"),
+                                                   ("demo", "igpt.demo", "DemoConfig")])
+def test_help_defaults_are_the_config_defaults(command, module, cls):
+    """The commands with --config take their defaults from the config dataclass; the help texts that state a
+    default must state that one."""
+    import importlib
 
-    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["train"]
+    config = getattr(importlib.import_module(module), cls)
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
     checked = 0
     for action in sub._actions:
-        m = re.search(r"\(default ([^)]+)\)", action.help or "")
-        if m and action.dest != "help":
-            said, default = m.group(1).split(",")[0].strip(), getattr(TrainConfig, action.dest)
-            assert (float(said) == default if isinstance(default, (int, float)) else said == str(default)), action.dest
-            checked += 1
-    assert checked >= 15
+        m = re.search(r"[(;] ?default ([^)]+)\)", action.help or "")
+        if not m or action.dest == "help" or action.default is not None:
+            continue
+        said, default = re.split(r"[,;:]", m.group(1))[0].strip(), getattr(config, action.dest)
+        if default is None:  # the help describes what None chooses
+            continue
+        if isinstance(default, bool):
+            assert said == ("on" if default else "off"), action.dest
+        elif isinstance(default, (int, float)):
+            assert float(said) == default, action.dest
+        else:
+            assert said == str(default), action.dest
+        checked += 1
+    assert checked >= {"train": 15, "finetune": 8, "demo": 8}[command]
+
+
+def test_finetune_and_demo_settings_files(tmp_path, monkeypatch):
+    import igpt.demo
+    import igpt.finetune
+
+    seen = []
+    monkeypatch.setattr(igpt.finetune, "finetune", lambda cfg: seen.append(cfg) or {
+        "stopped_early": False, "best_step": 1, "val_accuracy": 0.5, "test_accuracy": 0.5, "out_checkpoint": "c"})
+    monkeypatch.setattr(igpt.demo, "run_demo", seen.append)
+    ft = tmp_path / "ft.toml"
+    ft.write_text('checkpoint = "ck"\ndata = "sh"\nout = "o"\nlambda_gen = 0.0\nweight_decay = 0.1\n')
+    assert main(["finetune", "--config", str(ft), "--lr", "1e-4"]) == 0
+    c = seen[-1]
+    assert (c.checkpoint, c.data, c.out, c.lambda_gen, c.weight_decay, c.lr, c.steps) == ("ck", "sh", "o", 0.0, 0.1,
+                                                                                      1e-4, 1000)
+    record = tmp_path / "finetune.json"  # what a finetune run writes: its settings under "config"
+    record.write_text(json.dumps({"test_accuracy": 0.5, "config": {**vars(c), "out": "o2"}}))
+    assert main(["finetune", "--config", str(record)]) == 0
+    assert vars(seen[-1]) == {**vars(c), "out": "o2"}
+    demo = tmp_path / "demo.json"
+    demo.write_text(json.dumps({"minutes": 3, "n_px": 8, "augment": False, "samples": 4}))
+    assert main(["demo", "--config", str(demo), "--n-px", "10"]) == 0
+    d = seen[-1]
+    assert (d.minutes, d.n_px, d.augment, d.samples, d.out, d.batch_size) == (3, 10, False, 4, "runs/demo", 16)
+
+
+def test_finetune_needs_checkpoint_data_and_out_from_somewhere(tmp_path, capsys):
+    assert main(["finetune", "--data", "sh"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "igpt: error: finetune: --checkpoint, --out required (on the command line or in the --config file)"
 
 
 @pytest.mark.parametrize("name, text, message", [
@@ -162,7 +207,7 @@ def test_train_help_defaults_are_the_config_defaults():
     ("a.toml", 'data = "s"\nsteps = \n', "not a readable TOML file"),
     ("a.json", "[1, 2]", "expected a table of settings, got list"),
     ("a.yaml", "data: s\n", "expected a .json or .toml file"),
-    ("a.toml", "steps = 3\n", "--data is required"),
+    ("a.toml", "steps = 3\n", "--data required"),
     ("missing.json", None, "no such file"),
 ])
 def test_bad_settings_files_are_one_line_errors(tmp_path, capsys, name, text, message):

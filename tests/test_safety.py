@@ -143,23 +143,23 @@ def test_source_has_no_eval_and_only_safe_loaders():
 
 
 def test_config_files_are_read_as_data_only(tmp_path):
-    """Every config / meta file is parsed as data (json, and tomllib for `igpt train --config`), never imported
+    """Every config / meta file is parsed as data (json, and tomllib for the --config files), never imported
     or evaluated; YAML (whose loaders can build objects) is not read at all. A settings file that looks like code
     stays a string, and nothing runs."""
-    from igpt.train_config import read_config_file
+    from igpt.settings import read_settings_file
 
     files = {p.name: p.read_text() for p in SRC.rglob("*.py")}
     text = "".join(files.values())
     assert "import_module" not in text and "runpy" not in text and "literal_eval" not in text
     assert "yaml" not in text.lower()
-    assert [n for n, t in files.items() if "tomllib" in t] == ["train_config.py"]  # its one use: tomllib.loads
-    assert files["train_config.py"].count("tomllib.load") == 1 and "tomllib.loads(text)" in files["train_config.py"]
+    assert [n for n, t in files.items() if "tomllib" in t] == ["settings.py"]  # its one use: tomllib.loads
+    assert files["settings.py"].count("tomllib.load") == 1 and "tomllib.loads(text)" in files["settings.py"]
     marker = tmp_path / "ran"
     code = f"__import__('pathlib').Path({str(marker)!r}).touch()"
     (tmp_path / "c.toml").write_text(f"data = {json.dumps(code)}\n")
     (tmp_path / "c.json").write_text(json.dumps({"data": code}))
     for name in ("c.toml", "c.json"):
-        assert read_config_file(tmp_path / name) == {"data": code}
+        assert read_settings_file(tmp_path / name, "train") == {"data": code}
     assert not marker.exists()
 
 

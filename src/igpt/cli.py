@@ -12,7 +12,8 @@ from igpt import __version__
 from igpt.errors import IgptError
 
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_px", "palette_size")  # `igpt train` flags over the preset
-TRAIN_NOT_SETTINGS = ("command", "func", "config")  # argparse entries of `igpt train` that are not settings
+CONFIG_HELP = ("settings from a .json or .toml file ({fields} field names, or the JSON a run of this command "
+               "wrote); flags given here override them, the config's defaults fill the rest")
 DATA_HELP = ("a named data set ({names}), an image folder (root/<class>/*.png or flat), a CIFAR batch folder "
              "or file, an IDX image file, an .npz/.npy array file, or openai-npy:DIR for OpenAI's "
              "pre-quantized trX/vaX/teX.npy (palette ids already; give --palette kmeans_centers.npy)")
@@ -104,12 +105,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from igpt.train import train
-    from igpt.train_config import TrainConfig, read_config_file
+def _given(args: argparse.Namespace) -> dict:
+    """The settings set by flags on the command line: the commands with --config give their flags no argparse
+    defaults, so every flag left out is None and the config dataclass's own default applies."""
+    return {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "func", "config")}
 
-    settings = read_config_file(args.config) if args.config else {}
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in TRAIN_NOT_SETTINGS}
+
+def _settings(args: argparse.Namespace, cls, section: str, what: str, required: tuple[str, ...]):
+    """``cls`` built from the --config file (if any) with the flags set on the command line over it."""
+    from igpt.settings import check_settings, merged
+
+    d = merged(args.config, section, _given(args))
+    missing = [k for k in required if k not in d]
+    if missing:
+        flags = ", ".join("--" + k.replace("_", "-") for k in missing)
+        raise IgptError(f"{what}: {flags} required (on the command line or in the --config file)")
+    check_settings(cls, d, what)
+    return cls(**d)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from igpt.settings import read_settings_file
+    from igpt.train import train
+    from igpt.train_config import TrainConfig
+
+    settings = read_settings_file(args.config, "train") if args.config else {}
+    given = _given(args)
     overrides = {k: given.pop(k) for k in MODEL_FLAGS if k in given}  # flags over the file's, key by key
     if overrides:
         base = settings.get("model_overrides", {})
@@ -118,7 +139,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         given["model_overrides"] = {**base, **overrides}
     settings.update(given)  # TrainConfig's own defaults for whatever neither sets
     if "data" not in settings:
-        raise IgptError("train: --data is required (or a 'data' setting in the --config file)")
+        raise IgptError("train: --data required (on the command line or in the --config file)")
     cfg = TrainConfig.from_dict(settings)
     res = train(cfg)
     from igpt.distributed import print0
@@ -186,15 +207,12 @@ def cmd_probe(args: argparse.Namespace) -> int:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from igpt.finetune import FinetuneConfig, finetune
 
-    cfg = FinetuneConfig(checkpoint=args.checkpoint, data=args.data, out=args.out, lambda_gen=args.lambda_gen,
-                         lr=args.lr, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
-                         patience=args.patience, mask_ensemble=args.mask_ensemble, seed=args.seed,
-                         device=args.device)
+    cfg = _settings(args, FinetuneConfig, "config", "finetune", required=("checkpoint", "data", "out"))
     res = finetune(cfg)
     stop = f", stopped early after step {res['steps_run']}" if res["stopped_early"] else ""
     print(f"best val step {res['best_step']}{stop}: val {100 * res['val_accuracy']:.2f}%, "
           f"test {100 * res['test_accuracy']:.2f}%")
-    print(f"wrote {args.out}/finetune.json and {res['out_checkpoint']}")
+    print(f"wrote {cfg.out}/finetune.json and {res['out_checkpoint']}")
     return 0
 
 
@@ -204,24 +222,25 @@ LABELLED = "labelled token shards with train, val and test splits"
 def cmd_demo(args: argparse.Namespace) -> int:
     from igpt.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=args.out, data=args.data, data_dir=args.data_dir, minutes=args.minutes,
-                        steps=args.steps, n_px=args.n_px, palette_size=args.palette_size, preset=args.preset,
-                        batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed,
-                        device=args.device, progress=args.progress))
+    run_demo(_settings(args, DemoConfig, "config", "demo", required=()))
     return 0
 
 
-def _data_source_args(p: argparse.ArgumentParser) -> None:
+def _data_source_args(p: argparse.ArgumentParser, default: str | None = "fashion-mnist-mini") -> None:
     from igpt.datasets import names
 
-    p.add_argument("--data", default="fashion-mnist-mini", help=DATA_HELP.format(names=", ".join(names())))
+    p.add_argument("--data", default=default, help=DATA_HELP.format(names=", ".join(names()))
+                   + " (default fashion-mnist-mini)")
     p.add_argument("--data-dir", help="folder holding named data sets as DIR/<name>/ (default $IGPT_DATA_DIR)")
 
 
-def _model_and_shards(p: argparse.ArgumentParser, checkpoint_help: str, data_help: str) -> None:
-    """The flags every command that runs a checkpoint on token shards takes."""
-    p.add_argument("--checkpoint", required=True, help=checkpoint_help)
-    p.add_argument("--data", required=True, help=data_help)
+def _model_and_shards(p: argparse.ArgumentParser, checkpoint_help: str, data_help: str,
+                      required: bool = True) -> None:
+    """The flags every command that runs a checkpoint on token shards takes (``required`` False: they may come
+    from a --config file instead)."""
+    also = "" if required else " (required, here or in --config)"
+    p.add_argument("--checkpoint", required=required, help=checkpoint_help + also)
+    p.add_argument("--data", required=required, help=data_help + also)
     p.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
 
 
@@ -307,8 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "weight decay or dropout, gradient clipping. --batch-size is the global batch, split over "
                     "ranks (torchrun) and micro-batches. OUT gets config.json, metrics.jsonl, loss.png and "
                     "checkpoints/ (step-NNNNNN directories and a 'latest' pointer).")
-    t.add_argument("--config", help="settings from a .json or .toml file (TrainConfig field names, or a run's "
-                                    "config.json); flags given here override them")
+    t.add_argument("--config", help=CONFIG_HELP.format(fields="TrainConfig"))
     t.add_argument("--data", help="token shards from `igpt prepare` (required, here or in --config)")
     t.add_argument("--preset", help="model size: tiny, cpu-small, cpu-base, igpt-s, igpt-m, igpt-l, igpt-xl (default cpu-small)")
     t.add_argument("--objective", choices=("ar", "bert"), help="next pixel (ar) or masked pixel (default ar)")
@@ -378,19 +396,20 @@ def build_parser() -> argparse.ArgumentParser:
                                    "features, loss L_clf + lambda * L_gen, AdamW (0.9, 0.95) at a constant lr, "
                                    "early stopping on val accuracy, test accuracy at the best val step. Writes "
                                    "OUT/finetune.json and OUT/checkpoint (the head in heads.safetensors as 'score').")
-    _model_and_shards(f, "pretrained igpt checkpoint directory", LABELLED)
-    f.add_argument("--out", required=True, help="output directory")
-    f.add_argument("--lambda-gen", type=float, default=1.0, help="weight of the generative loss (default 1; 0 = "
+    f.add_argument("--config", help=CONFIG_HELP.format(fields="FinetuneConfig"))
+    _model_and_shards(f, "pretrained igpt checkpoint directory", LABELLED, required=False)
+    f.add_argument("--out", help="output directory (required, here or in --config)")
+    f.add_argument("--lambda-gen", type=float, help="weight of the generative loss (default 1; 0 = "
                    "classification only)")
-    f.add_argument("--lr", type=float, default=3e-4, help="constant learning rate (default 3e-4)")
-    f.add_argument("--steps", type=int, default=1000, help="optimizer steps at most (default 1000)")
-    f.add_argument("--batch-size", type=int, default=64, help="images per step (default 64)")
-    f.add_argument("--eval-every", type=int, default=100, help="steps between validations (default 100)")
-    f.add_argument("--patience", type=int, default=0, help="validations without a new best before stopping "
+    f.add_argument("--lr", type=float, help="constant learning rate (default 3e-4)")
+    f.add_argument("--steps", type=int, help="optimizer steps at most (default 1000)")
+    f.add_argument("--batch-size", type=int, help="images per step (default 64)")
+    f.add_argument("--eval-every", type=int, help="steps between validations (default 100)")
+    f.add_argument("--patience", type=int, help="validations without a new best before stopping "
                    "(default 0: never stop early)")
-    f.add_argument("--mask-ensemble", type=int, default=1, help="BERT: average predictions over K random masks "
+    f.add_argument("--mask-ensemble", type=int, help="BERT: average predictions over K random masks "
                    "(default 1; the paper uses 5)")
-    f.add_argument("--seed", type=int, default=0, help="batch order and masks (default 0)")
+    f.add_argument("--seed", type=int, help="batch order and masks (default 0)")
     f.set_defaults(func=cmd_finetune)
 
     m = sub.add_parser(
@@ -398,18 +417,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Prepare token shards, pretrain a small AR model sized to a time budget, measure val/test "
                     "NLL, run the per-layer linear probe beside the raw-pixel baseline, complete test images "
                     "from their top half, draw samples, and write OUT/report.html and OUT/summary.json.")
-    _data_source_args(m)
-    m.add_argument("--out", default="runs/demo", help="output directory (an old demo there is replaced)")
-    m.add_argument("--minutes", type=float, default=9.0, help="wall-time budget of the whole run (default 9)")
+    m.add_argument("--config", help=CONFIG_HELP.format(fields="DemoConfig"))
+    _data_source_args(m, default=None)
+    m.add_argument("--out", help="output directory (an old demo there is replaced; default runs/demo)")
+    m.add_argument("--minutes", type=float, help="wall-time budget of the whole run (default 9)")
     m.add_argument("--steps", type=int, help="training steps (default: as many as the budget buys)")
-    m.add_argument("--n-px", type=int, default=12, help="image side in pixels (default 12)")
+    m.add_argument("--n-px", type=int, help="image side in pixels (default 12)")
     m.add_argument("--palette-size", type=int, help="colours (default 16 grey, 64 RGB)")
-    m.add_argument("--preset", default="cpu-small", help="model size (default cpu-small)")
-    m.add_argument("--batch-size", type=int, default=16, help="images per training step (default 16)")
-    m.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    m.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+    m.add_argument("--preset", help="model size (default cpu-small)")
+    m.add_argument("--batch-size", type=int, help="images per training step (default 16)")
+    m.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
+    m.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crop + horizontal flip during pretraining (default on)")
-    m.add_argument("--seed", type=int, default=0, help="splits, palette, model and sampling seed (default 0)")
+    m.add_argument("--seed", type=int, help="splits, palette, model and sampling seed (default 0)")
     m.add_argument("--device", help="torch device (default: CUDA when present, else CPU)")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="training progress bar (default: when stderr is a terminal)")

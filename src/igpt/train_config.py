@@ -1,21 +1,12 @@
-"""TrainConfig: every setting of a pretraining run, validated on construction, saved as JSON in the run, and
-read from a JSON or TOML settings file (``read_config_file``: parsed as data, never executed)."""
+"""TrainConfig: every setting of a pretraining run, validated on construction, saved as JSON in the run."""
 
 from __future__ import annotations
 
-import json
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
-    import tomli as tomllib
+from dataclasses import asdict, dataclass, field
 
 from igpt.errors import IgptError
 from igpt.model import MODES
+from igpt.settings import check_settings
 
 DTYPES = ("auto", "fp32", "bf16")
 # Settings a resumed run may change (bookkeeping only): everything else must match the saved run.
@@ -115,56 +106,8 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         """From settings that may come from a file: unknown names and values of the wrong type are IgptErrors
         naming the field (JSON lists are accepted for tuples)."""
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise IgptError(f"train config: unknown field(s) {unknown}")
-        hints = typing.get_type_hints(cls)
-        for name, value in d.items():
-            if not _has_type(value, hints[name]):
-                raise IgptError(f"train config: {name} must be {_type_name(hints[name])}, got {value!r}")
+        check_settings(cls, d, "train")
         return cls(**d)
-
-
-def _has_type(value, hint) -> bool:
-    """isinstance for the annotations TrainConfig uses (bool is not an int or float here; int is a float)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_has_type(value, h) for h in typing.get_args(hint))
-    base = typing.get_origin(hint) or hint
-    if base is type(None):
-        return value is None
-    if base in (int, float):
-        return not isinstance(value, bool) and isinstance(value, int if base is int else (int, float))
-    if base is tuple:  # tuple[float, float]: a list or tuple of exactly those
-        parts = typing.get_args(hint)
-        return (isinstance(value, (list, tuple)) and len(value) == len(parts)
-                and all(_has_type(v, h) for v, h in zip(value, parts)))
-    return isinstance(value, base)
-
-
-def _type_name(hint) -> str:
-    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-
-
-def read_config_file(path: str | Path) -> dict:
-    """TrainConfig settings from a .json or .toml file: a flat table of field names, or a run's own
-    ``config.json`` (its "train" section is used, so a run can be repeated elsewhere). Parsed as data, never
-    executed; names and types are checked when the TrainConfig is built (``from_dict``)."""
-    p = Path(path)
-    kind = {".json": "JSON", ".toml": "TOML"}.get(p.suffix.lower())
-    if kind is None:
-        raise IgptError(f"--config {p}: expected a .json or .toml file")
-    try:
-        text = p.read_text(encoding="utf-8")
-        d = json.loads(text) if kind == "JSON" else tomllib.loads(text)
-    except FileNotFoundError:
-        raise IgptError(f"--config {p}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        raise IgptError(f"--config {p}: not a readable {kind} file ({e})") from None
-    if not isinstance(d, dict):
-        raise IgptError(f"--config {p}: expected a table of settings, got {type(d).__name__}")
-    if isinstance(d.get("train"), dict) and isinstance(d.get("model"), dict):  # a run's resolved config.json
-        d = d["train"]
-    return d
 
 
 def _positive(name: str, v) -> None:

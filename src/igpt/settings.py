@@ -1,0 +1,78 @@
+"""Settings files for `igpt train / finetune / demo --config FILE`: a JSON or TOML table of a config dataclass's
+fields, parsed as data (never imported or evaluated) and checked by name and type before the dataclass's own
+validation runs. The JSON a run writes can be read back: its config section is used.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+    import tomli as tomllib
+
+from igpt.errors import IgptError
+
+
+def read_settings_file(path: str | Path, section: str) -> dict:
+    """The table of settings in a .json or .toml file. A file whose ``section`` entry is itself a table (the
+    JSON a run writes: a train run's config.json under "train", finetune.json and the demo's marker under
+    "config") gives that table, so a run can be repeated from its own record."""
+    p = Path(path)
+    kind = {".json": "JSON", ".toml": "TOML"}.get(p.suffix.lower())
+    if kind is None:
+        raise IgptError(f"--config {p}: expected a .json or .toml file")
+    try:
+        text = p.read_text(encoding="utf-8")
+        d = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except FileNotFoundError:
+        raise IgptError(f"--config {p}: no such file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+        raise IgptError(f"--config {p}: not a readable {kind} file ({e})") from None
+    if not isinstance(d, dict):
+        raise IgptError(f"--config {p}: expected a table of settings, got {type(d).__name__}")
+    return d[section] if isinstance(d.get(section), dict) else d
+
+
+def check_settings(cls, d: dict, what: str) -> None:
+    """IgptError naming the field for a name ``cls`` (a dataclass) does not have or a value of the wrong type
+    (JSON lists are accepted for tuples; bool is not a number; an int is a float)."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise IgptError(f"{what} config: unknown field(s) {unknown}")
+    hints = typing.get_type_hints(cls)
+    for name, value in d.items():
+        if not has_type(value, hints[name]):
+            raise IgptError(f"{what} config: {name} must be {_type_name(hints[name])}, got {value!r}")
+
+
+def has_type(value, hint) -> bool:
+    """isinstance for the annotations the config dataclasses use."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(has_type(value, h) for h in typing.get_args(hint))
+    base = typing.get_origin(hint) or hint
+    if base is type(None):
+        return value is None
+    if base in (int, float):
+        return not isinstance(value, bool) and isinstance(value, int if base is int else (int, float))
+    if base is tuple:  # tuple[float, float]: a list or tuple of exactly those
+        parts = typing.get_args(hint)
+        return (isinstance(value, (list, tuple)) and len(value) == len(parts)
+                and all(has_type(v, h) for v, h in zip(value, parts)))
+    return isinstance(value, base)
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def merged(file: str | None, section: str, given: dict) -> dict:
+    """The settings of ``file`` (none when None) with ``given`` (the flags set on the command line) over them."""
+    settings = read_settings_file(file, section) if file else {}
+    return {**settings, **given}
