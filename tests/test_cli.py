@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -141,7 +142,8 @@ def test_train_settings_file_then_flags_then_defaults(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("command, module, cls", [("train", "igpt.train_config", "TrainConfig"),
                                                    ("finetune", "igpt.finetune", "FinetuneConfig"),
-                                                   ("demo", "igpt.demo", "DemoConfig")])
+                                                   ("demo", "igpt.demo", "DemoConfig"),
+                                                   ("probe", "igpt.probe", "ProbeConfig")])
 def test_help_defaults_are_the_config_defaults(command, module, cls):
     """The commands with --config take their defaults from the config dataclass; the help texts that state a
     default must state that one."""
@@ -152,8 +154,8 @@ def test_help_defaults_are_the_config_defaults(command, module, cls):
     checked = 0
     for action in sub._actions:
         m = re.search(r"[(;] ?default ([^)]+)\)", action.help or "")
-        if not m or action.dest == "help" or action.default is not None:
-            continue
+        if not m or action.dest == "help" or action.default is not None or not hasattr(config, action.dest):
+            continue  # (probe's --cs is parsed into the field Cs; the test below covers it)
         said, default = re.split(r"[,;:]", m.group(1))[0].strip(), getattr(config, action.dest)
         if default is None:  # the help describes what None chooses
             continue
@@ -164,7 +166,7 @@ def test_help_defaults_are_the_config_defaults(command, module, cls):
         else:
             assert said == str(default), action.dest
         checked += 1
-    assert checked >= {"train": 15, "finetune": 8, "demo": 8}[command]
+    assert checked >= {"train": 15, "finetune": 8, "demo": 8, "probe": 5}[command]
 
 
 def test_finetune_and_demo_settings_files(tmp_path, monkeypatch):
@@ -190,6 +192,25 @@ def test_finetune_and_demo_settings_files(tmp_path, monkeypatch):
     assert main(["demo", "--config", str(demo), "--n-px", "10"]) == 0
     d = seen[-1]
     assert (d.minutes, d.n_px, d.augment, d.samples, d.out, d.batch_size) == (3, 10, False, 4, "runs/demo", 16)
+
+
+def test_probe_settings_file_and_its_list_flags(tmp_path, monkeypatch):
+    import igpt.probe
+
+    seen = []
+    monkeypatch.setattr(igpt.probe, "run_probe", lambda cfg: seen.append(cfg) or {
+        "best_layer": 1, "C": 1.0, "val_accuracy": 0.5, "test_accuracy": 0.5, "baseline_test_accuracy": 0.5,
+        "warnings": []})
+    f = tmp_path / "p.toml"
+    f.write_text('checkpoint = "ck"\ndata = "sh"\nout = "o"\nCs = [0.5, 5]\nlabels_per_class = [4, 10]\n'
+                 "seeds = 3\n")
+    assert main(["probe", "--config", str(f), "--labels-per-class", "25", "--concat", "1"]) == 0
+    c = seen[-1]
+    assert (c.Cs, c.labels_per_class, c.seeds, c.concat, c.layers) == ((0.5, 5.0), (25,), 3, 1, "all")
+    assert main(["probe", "--config", str(f), "--cs", "0.1,1"]) == 0 and seen[-1].Cs == (0.1, 1.0)
+    record = tmp_path / "probe.json"  # what a probe run writes: its settings under "config"
+    record.write_text(json.dumps({"test_accuracy": 0.5, "config": dataclasses.asdict(c)}))
+    assert main(["probe", "--config", str(record)]) == 0 and seen[-1] == c
 
 
 def test_finetune_needs_checkpoint_data_and_out_from_somewhere(tmp_path, capsys):

@@ -113,15 +113,14 @@ def _given(args: argparse.Namespace) -> dict:
 
 def _settings(args: argparse.Namespace, cls, section: str, what: str, required: tuple[str, ...]):
     """``cls`` built from the --config file (if any) with the flags set on the command line over it."""
-    from igpt.settings import check_settings, merged
+    from igpt.settings import build, merged
 
     d = merged(args.config, section, _given(args))
     missing = [k for k in required if k not in d]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
         raise IgptError(f"{what}: {flags} required (on the command line or in the --config file)")
-    check_settings(cls, d, what)
-    return cls(**d)
+    return build(cls, d, what)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -174,16 +173,17 @@ def _int_list(flag: str, text: str | None) -> tuple[int, ...]:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from igpt.probe import DEFAULT_CS, ProbeConfig, run_probe
+    from igpt.probe import ProbeConfig, run_probe
 
-    try:
-        cs = tuple(float(s) for s in args.cs.split(",")) if args.cs else DEFAULT_CS
-    except ValueError:
-        raise IgptError(f"--cs must be comma-separated numbers, got {args.cs!r}") from None
-    cfg = ProbeConfig(checkpoint=args.checkpoint, data=args.data, out=args.out, layers=args.layers,
-                      concat=args.concat, labels_per_class=_int_list("--labels-per-class", args.labels_per_class),
-                      seeds=args.seeds, Cs=cs, batch_size=args.batch_size, max_iter=args.max_iter,
-                      device=args.device, cache=args.cache)
+    cs = vars(args).pop("cs")  # the two list flags, as the config's tuples
+    if cs is not None:
+        try:
+            args.Cs = tuple(float(s) for s in cs.split(","))
+        except ValueError:
+            raise IgptError(f"--cs must be comma-separated numbers, got {cs!r}") from None
+    if args.labels_per_class is not None:
+        args.labels_per_class = _int_list("--labels-per-class", args.labels_per_class)
+    cfg = _settings(args, ProbeConfig, "config", "probe", required=("checkpoint", "data", "out"))
     res = run_probe(cfg)
     print(f"best layer {res['best_layer']} (C {res['C']:g}, on val): val {100 * res['val_accuracy']:.2f}%, "
           f"test {100 * res['test_accuracy']:.2f}%; raw pixels test {100 * res['baseline_test_accuracy']:.2f}%")
@@ -200,7 +200,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
               f"(raw pixels {100 * r['baseline_mean']:.2f} +- {100 * r['baseline_std']:.2f}%"
               + (f"; at {res['native_px']}x{res['native_px']} {100 * r['baseline_native_mean']:.2f} +- "
                  f"{100 * r['baseline_native_std']:.2f}%" if "native_px" in res else "") + ")")
-    print(f"wrote {args.out}/probe.json and {args.out}/probe.png")
+    print(f"wrote {cfg.out}/probe.json and {cfg.out}/probe.png")
     return 0
 
 
@@ -379,16 +379,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Pooled features of each layer, L2 logistic regression (torch L-BFGS), the "
                                    "layer and strength chosen on val, refit on train+val, test accuracy; the same "
                                    "on raw pixels. Writes OUT/probe.json and OUT/probe.png.")
-    _model_and_shards(r, "igpt checkpoint directory", LABELLED)
-    r.add_argument("--out", required=True, help="output directory")
-    r.add_argument("--layers", default="all", help="'all' (default) or comma-separated layers, e.g. 2,4,6")
-    r.add_argument("--concat", type=int, default=0, help="also probe layers best-K..best+K concatenated")
+    r.add_argument("--config", help=CONFIG_HELP.format(fields="ProbeConfig"))
+    _model_and_shards(r, "igpt checkpoint directory", LABELLED, required=False)
+    r.add_argument("--out", help="output directory (required, here or in --config)")
+    r.add_argument("--layers", help="'all' or comma-separated layers, e.g. 2,4,6 (default all)")
+    r.add_argument("--concat", type=int, help="also probe layers best-K..best+K concatenated (default 0: no)")
     r.add_argument("--labels-per-class", help="low-data protocol: comma-separated K, e.g. 4,25,400")
-    r.add_argument("--seeds", type=int, default=5, help="low-data draws per K (default 5)")
+    r.add_argument("--seeds", type=int, help="low-data draws per K (default 5)")
     r.add_argument("--cs", help="comma-separated C grid (sklearn's C; default 1e-3,1e-2,1e-1,1,10)")
-    r.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    r.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit (default 1000)")
-    r.add_argument("--cache", action="store_true", help="keep features in OUT/features/*.npy and reuse them")
+    r.add_argument("--batch-size", type=int, help="images per forward pass (default 64)")
+    r.add_argument("--max-iter", type=int, help="L-BFGS iterations per fit (default 1000)")
+    r.add_argument("--cache", action="store_true", default=None, help="keep features in OUT/features/*.npy and reuse them")
     r.set_defaults(func=cmd_probe)
 
     f = sub.add_parser("finetune", help="fine-tune with a linear classification head (L_clf + lambda * L_gen)",

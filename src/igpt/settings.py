@@ -52,6 +52,15 @@ def check_settings(cls, d: dict, what: str) -> None:
             raise IgptError(f"{what} config: {name} must be {_type_name(hints[name])}, got {value!r}")
 
 
+def build(cls, d: dict, what: str):
+    """``cls(**d)`` after ``check_settings``, with lists given for tuple fields made tuples (JSON and TOML have
+    no tuples)."""
+    check_settings(cls, d, what)
+    hints = typing.get_type_hints(cls)
+    tuples = {k for k, h in hints.items() if (typing.get_origin(h) or h) is tuple}
+    return cls(**{k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in d.items()})
+
+
 def has_type(value, hint) -> bool:
     """isinstance for the annotations the config dataclasses use."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -61,8 +70,10 @@ def has_type(value, hint) -> bool:
         return value is None
     if base in (int, float):
         return not isinstance(value, bool) and isinstance(value, int if base is int else (int, float))
-    if base is tuple:  # tuple[float, float]: a list or tuple of exactly those
+    if base is tuple:  # tuple[float, float] or tuple[int, ...]: a list or tuple of those
         parts = typing.get_args(hint)
+        if len(parts) == 2 and parts[1] is Ellipsis:
+            parts = (parts[0],) * len(value) if isinstance(value, (list, tuple)) else ()
         return (isinstance(value, (list, tuple)) and len(value) == len(parts)
                 and all(has_type(v, h) for v, h in zip(value, parts)))
     return isinstance(value, base)

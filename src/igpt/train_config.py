@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from igpt.errors import IgptError
 from igpt.model import MODES
-from igpt.settings import check_settings
+from igpt.settings import build
 
 DTYPES = ("auto", "fp32", "bf16")
 # Settings a resumed run may change (bookkeeping only): everything else must match the saved run.
@@ -106,8 +106,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         """From settings that may come from a file: unknown names and values of the wrong type are IgptErrors
         naming the field (JSON lists are accepted for tuples)."""
-        check_settings(cls, d, "train")
-        return cls(**d)
+        return build(cls, d, "train")
 
 
 def _positive(name: str, v) -> None:
