@@ -115,7 +115,7 @@ def _settings(args: argparse.Namespace, cls, section: str, what: str, required: 
     """``cls`` built from the --config file (if any) with the flags set on the command line over it."""
     from igpt.settings import build, merged
 
-    d = merged(args.config, section, _given(args))
+    d = merged(args.config, section, _given(args), what)
     missing = [k for k in required if k not in d]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
@@ -124,22 +124,13 @@ def _settings(args: argparse.Namespace, cls, section: str, what: str, required: 
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from igpt.settings import read_settings_file
     from igpt.train import train
     from igpt.train_config import TrainConfig
 
-    settings = read_settings_file(args.config, "train") if args.config else {}
-    given = _given(args)
-    overrides = {k: given.pop(k) for k in MODEL_FLAGS if k in given}  # flags over the file's, key by key
-    if overrides:
-        base = settings.get("model_overrides", {})
-        if not isinstance(base, dict):
-            raise IgptError(f"train config: model_overrides must be a table of model fields, got {base!r}")
-        given["model_overrides"] = {**base, **overrides}
-    settings.update(given)  # TrainConfig's own defaults for whatever neither sets
-    if "data" not in settings:
-        raise IgptError("train: --data required (on the command line or in the --config file)")
-    cfg = TrainConfig.from_dict(settings)
+    overrides = {k: v for k in MODEL_FLAGS if (v := vars(args).pop(k)) is not None}
+    if overrides:  # over the --config file's model_overrides, key by key
+        args.model_overrides = overrides
+    cfg = _settings(args, TrainConfig, "train", "train", required=("data",))
     res = train(cfg)
     from igpt.distributed import print0
 

@@ -83,7 +83,14 @@ def _type_name(hint) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
-def merged(file: str | None, section: str, given: dict) -> dict:
-    """The settings of ``file`` (none when None) with ``given`` (the flags set on the command line) over them."""
+def merged(file: str | None, section: str, given: dict, what: str) -> dict:
+    """The settings of ``file`` (none when None) with ``given`` (the flags set on the command line) over them; a
+    table in ``given`` (train's model overrides) goes over the file's table key by key."""
     settings = read_settings_file(file, section) if file else {}
-    return {**settings, **given}
+    for k, v in given.items():
+        if isinstance(v, dict) and k in settings:
+            if not isinstance(settings[k], dict):
+                raise IgptError(f"{what} config: {k} must be a table, got {settings[k]!r}")
+            v = {**settings[k], **v}
+        settings[k] = v
+    return settings
