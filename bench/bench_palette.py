@@ -19,7 +19,8 @@ import numpy as np
 from common import Contention, others_summary
 
 from igpt.images import convert_channels, decode_image, to_square
-from igpt.palette import Palette, fit_palette, to_unit
+from igpt.kmeans import fit_palette
+from igpt.palette import Palette, to_unit
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

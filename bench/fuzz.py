@@ -49,11 +49,13 @@ def build_targets(root: Path) -> list[Target]:
     from PIL import Image
 
     from igpt.checkpoint import load_model, save_model
-    from igpt.data import array_source, cifar_source, idx_split, read_idx
+    from igpt.cifar import cifar_source
+    from igpt.data import array_source, idx_split, read_idx
     from igpt.images import decode_image
     from igpt.model import ImageGPT, ImageGPTConfig
     from igpt.palette import Palette
-    from igpt.prepare import PrepareConfig, load_shards, prepare
+    from igpt.prepare import PrepareConfig, prepare
+    from igpt.shards import load_shards
 
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8)

@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from igpt.errors import IgptError
     from igpt.evaluate import nll
     from igpt.io import atomic_write_bytes, read_json
-    from igpt.prepare import load_shards
     from igpt.presets import get_preset
     from igpt.probe import ProbeConfig, run_probe
+    from igpt.shards import load_shards
     from igpt.train import train
     from igpt.train_config import TrainConfig
     from igpt.train_log import read_metrics

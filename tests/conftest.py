@@ -64,3 +64,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def collect(split, chunk=3):
+    """All (images, labels) of a source split, read in chunks of `chunk`."""
+    imgs, labs = [], []
+    for x, y in split.chunks(chunk):
+        imgs += list(x)
+        if y is not None:
+            labs += list(y)
+    return np.stack(imgs), (np.array(labs) if labs else None)

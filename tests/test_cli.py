@@ -143,7 +143,9 @@ def test_train_settings_file_then_flags_then_defaults(tmp_path, monkeypatch):
 @pytest.mark.parametrize("command, module, cls", [("train", "igpt.train_config", "TrainConfig"),
                                                    ("finetune", "igpt.finetune", "FinetuneConfig"),
                                                    ("demo", "igpt.demo", "DemoConfig"),
-                                                   ("probe", "igpt.probe", "ProbeConfig")])
+                                                   ("probe", "igpt.probe", "ProbeConfig"),
+                                                   ("prepare", "igpt.prepare", "PrepareConfig"),
+                                                   ("eval", "igpt.evaluate", "EvalConfig")])
 def test_help_defaults_are_the_config_defaults(command, module, cls):
     """The commands with --config take their defaults from the config dataclass; the help texts that state a
     default must state that one."""
@@ -166,7 +168,7 @@ def test_help_defaults_are_the_config_defaults(command, module, cls):
         else:
             assert said == str(default), action.dest
         checked += 1
-    assert checked >= {"train": 15, "finetune": 8, "demo": 8, "probe": 5}[command]
+    assert checked >= {"train": 15, "finetune": 8, "demo": 8, "probe": 5, "prepare": 8, "eval": 4}[command]
 
 
 def test_finetune_and_demo_settings_files(tmp_path, monkeypatch):
@@ -211,6 +213,44 @@ def test_probe_settings_file_and_its_list_flags(tmp_path, monkeypatch):
     record = tmp_path / "probe.json"  # what a probe run writes: its settings under "config"
     record.write_text(json.dumps({"test_accuracy": 0.5, "config": dataclasses.asdict(c)}))
     assert main(["probe", "--config", str(record)]) == 0 and seen[-1] == c
+
+
+def test_prepare_and_eval_settings_files(tmp_path, monkeypatch, capsys):
+    import igpt.evaluate
+    import igpt.prepare
+    from igpt.evaluate import EvalConfig
+    from igpt.prepare import PrepareConfig
+
+    seen = []
+    monkeypatch.setattr(igpt.prepare, "prepare", lambda cfg: seen.append(cfg) or {
+        "source": "s", "counts": {"train": 1}, "n_px": cfg.n_px, "channels": 1, "palette_size": 4,
+        "palette_fit": None, "skipped": []})
+    f = tmp_path / "prep.toml"
+    f.write_text('data = "mnist"\nn_px = 12\npalette_size = 8\npixels = false\n')
+    assert main(["prepare", "--config", str(f), "--out", "sh", "--seed", "3"]) == 0
+    c = seen[-1]
+    assert (c.data, c.n_px, c.palette_size, c.pixels, c.seed, c.out) == ("mnist", 12, 8, False, 3, "sh")
+    assert c.val_fraction == PrepareConfig.val_fraction and c.skip_bad is False  # the dataclass's defaults
+    assert main(["prepare", "--out", "sh2", "--no-pixels", "--skip-bad"]) == 0
+    assert (seen[-1].pixels, seen[-1].skip_bad, seen[-1].data) == (False, True, PrepareConfig.data)
+    meta = tmp_path / "meta.json"  # a shard directory's record: its settings under "config"
+    meta.write_text(json.dumps({"format": "igpt-shards", "n_px": 12, "config": dataclasses.asdict(c)}))
+    assert main(["prepare", "--config", str(meta), "--out", "sh3"]) == 0
+    assert seen[-1] == dataclasses.replace(c, out="sh3")
+    assert main(["prepare", "--data", "mnist"]) == 2
+    assert "prepare: --out required" in capsys.readouterr().err
+
+    monkeypatch.setattr(igpt.evaluate, "evaluate", lambda cfg: seen.append(cfg) or {
+        "split": cfg.split, "nats_per_token": 1.0, "bits_per_token": 1.4, "images": 1, "tokens": "t", "out": "o"})
+    e = tmp_path / "e.json"
+    e.write_text(json.dumps({"nats_per_token": 1.0, "config": {"checkpoint": "ck", "data": "sh", "split": "val",
+                                                                "out": None, "bert_mask_prob": 0.3}}))
+    assert main(["eval", "--config", str(e), "--mask-prob", "0.5", "--batch-size", "8"]) == 0
+    c = seen[-1]
+    assert (c.checkpoint, c.data, c.split, c.bert_mask_prob, c.batch_size, c.seed) == ("ck", "sh", "val", 0.5, 8,
+                                                                                       EvalConfig.seed)
+    assert main(["eval", "--data", "sh"]) == 2
+    assert "eval: --checkpoint required" in capsys.readouterr().err
 
 
 def test_finetune_needs_checkpoint_data_and_out_from_somewhere(tmp_path, capsys):
@@ -287,7 +327,7 @@ def test_finetune_command(tmp_path, shards, capsys):
     from igpt_testutil import tiny_model
 
     from igpt.checkpoint import load_heads, save_model
-    from igpt.prepare import load_shards
+    from igpt.shards import load_shards
 
     ck = save_model(tmp_path / "ck", tiny_model(n_px=8, palette_size=8), load_shards(shards).palette)
     args = ["finetune", "--checkpoint", str(ck), "--data", str(shards), "--out", str(tmp_path / "ft"), "--steps",

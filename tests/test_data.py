@@ -1,26 +1,14 @@
-"""Data sources and the image decoding policy, on files made here and on the real files in ../shared/data."""
+"""Data sources (IDX, numpy arrays, image folders) and the image decoding policy, on files made here and on the real files in ../shared/data."""
 
 from __future__ import annotations
 
-import os
-import pickle
-
 import numpy as np
 import pytest
-from conftest import write_cifar_batch, write_idx
+from conftest import collect, write_idx
 from PIL import Image
 
 from igpt import data
 from igpt.errors import IgptError
-
-
-def collect(split, chunk=3):
-    imgs, labs = [], []
-    for x, y in split.chunks(chunk):
-        imgs += list(x)
-        if y is not None:
-            labs += list(y)
-    return np.stack(imgs), (np.array(labs) if labs else None)
 
 
 # -- IDX ----------------------------------------------------------------------------------------------------
@@ -55,60 +43,6 @@ def test_idx_bad_files(tmp_path, rng):
     write_idx(tmp_path / "l-idx1-ubyte", np.zeros(3, np.uint8))
     with pytest.raises(IgptError, match="3 labels for 4 images"):
         data.idx_split(tmp_path / "a-idx3-ubyte", tmp_path / "l-idx1-ubyte")
-
-
-# -- CIFAR --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
-def test_cifar_batch_round_trip(tmp_path, rng, protocol):
-    root = tmp_path / "cifar-10-batches-py"
-    root.mkdir()
-    xs = [rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8) for _ in range(2)]
-    ys = [rng.integers(0, 10, 5) for _ in range(2)]
-    write_cifar_batch(root / "data_batch_1", xs[0], ys[0], protocol=protocol)
-    write_cifar_batch(root / "data_batch_2", xs[1], ys[1], protocol=protocol)
-    xt = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    write_cifar_batch(root / "test_batch", xt, [1, 2, 3], protocol=protocol)
-    names = [f"class{i}".encode() for i in range(10)]
-    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}, protocol=protocol))
-    src = data.cifar_source(tmp_path)  # the folder holding cifar-10-batches-py/
-    assert src.channels == 3 and src.class_names == [f"class{i}" for i in range(10)]
-    imgs, labs = collect(src.splits["train"])
-    assert np.array_equal(imgs, np.concatenate(xs)) and np.array_equal(labs, np.concatenate(ys))
-    imgs, labs = collect(src.splits["test"])
-    assert np.array_equal(imgs, xt) and list(labs) == [1, 2, 3]
-
-
-def test_cifar100_layout(tmp_path, rng):
-    root = tmp_path / "cifar-100-python"
-    root.mkdir()
-    x = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
-    write_cifar_batch(root / "train", x, [0, 99, 5, 7], key="fine_labels")
-    (root / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"apple"] * 100}))
-    src = data.cifar_source(root)
-    imgs, labs = collect(src.splits["train"])
-    assert np.array_equal(imgs, x) and list(labs) == [0, 99, 5, 7] and "test" not in src.splits
-
-
-class _Evil:
-    def __reduce__(self):
-        return (os.system, ("touch PWNED_BY_PICKLE",))
-
-
-def test_cifar_unpickler_refuses_code(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": _Evil()}, protocol=2))
-    with pytest.raises(IgptError, match="data_batch_1.*not allowed"):
-        data.cifar_source(tmp_path)
-    assert not (tmp_path / "PWNED_BY_PICKLE").exists()
-
-
-def test_cifar_malformed(tmp_path):
-    (tmp_path / "b").write_bytes(pickle.dumps({b"data": np.zeros((2, 10), np.uint8), b"labels": [1, 2]}))
-    with pytest.raises(IgptError, match="uint8 array \\(N, 3072\\)"):
-        collect(data.cifar_source(tmp_path / "b").splits["train"])
-    (tmp_path / "c").write_bytes(b"not a pickle at all")
-    with pytest.raises(IgptError, match="not a valid CIFAR"):
-        data.read_cifar_batch(tmp_path / "c")
 
 
 # -- numpy arrays -------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from igpt.checkpoint import save_model
 from igpt.errors import IgptError
 from igpt.evaluate import EvalConfig, evaluate, nats_to_bits, nll
 from igpt.palette import Palette
-from igpt.prepare import load_shards
+from igpt.shards import load_shards
 
 
 def marginal_model(p: np.ndarray, **kw):

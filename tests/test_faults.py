@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 import igpt.train as T
 import igpt.train_state as TS
 from igpt.errors import IgptError
-from igpt.prepare import load_shards
+from igpt.shards import load_shards
 from igpt.train import train
 from igpt.train_config import TrainConfig
 from igpt.train_state import latest_checkpoint, list_checkpoints, load_train_checkpoint

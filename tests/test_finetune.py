@@ -16,7 +16,7 @@ from igpt.checkpoint import load_heads, load_model, save_model
 from igpt.errors import IgptError
 from igpt.finetune import EarlyStopping, FinetuneConfig, finetune, joint_loss
 from igpt.model import ar_inputs, bert_mask
-from igpt.prepare import load_shards
+from igpt.shards import load_shards
 
 FAST = dict(steps=12, batch_size=16, eval_every=4, lr=3e-3, eval_batch_size=512)
 

@@ -136,7 +136,7 @@ def test_image_header_claiming_huge_pixels(tmp_path):
 # -- mismatches: refused, naming both sides -------------------------------------------------------------------
 def test_palette_that_does_not_match_the_shards(shards, tmp_path):
     from igpt.palette import Palette
-    from igpt.prepare import load_shards
+    from igpt.shards import load_shards
 
     sh = tmp_path / "sh"
     shutil.copytree(shards, sh)
@@ -189,7 +189,7 @@ def test_checkpoint_against_its_config(tmp_path):
 def test_cifar_memo_index_is_no_allocation(tmp_path):
     """A damaged batch naming memo slot 2^24 (the C unpickler would size a table by it: 2^32 took minutes and
     tens of GB) reads in bounded memory."""
-    from igpt.data import cifar_source
+    from igpt.cifar import cifar_source
 
     f = tmp_path / "data_batch_1"
     f.write_bytes(b"\x80\x02}r" + (1 << 24).to_bytes(4, "little") + b".")  # PROTO 2, {}, LONG_BINPUT 2^24, STOP

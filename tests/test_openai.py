@@ -14,7 +14,8 @@ from igpt.cli import main
 from igpt.errors import IgptError
 from igpt.model import ImageGPTConfig, ar_inputs
 from igpt.openai import OpenAIImportConfig, load_openai
-from igpt.prepare import PrepareConfig, load_shards, prepare
+from igpt.prepare import PrepareConfig, prepare
+from igpt.shards import load_shards
 from igpt.tfcheckpoint import TFCheckpoint
 
 FIX = Path(__file__).parent / "fixtures" / "openai"

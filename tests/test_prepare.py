@@ -13,7 +13,8 @@ from igpt.datasets import open_source
 from igpt.errors import IgptError
 from igpt.images import to_square
 from igpt.palette import Palette
-from igpt.prepare import PrepareConfig, load_shards, prepare, val_mask
+from igpt.prepare import PrepareConfig, prepare, val_mask
+from igpt.shards import load_shards
 
 
 def make_folder(root, rng, classes=("a", "b", "c"), per=7, size=(20, 14)):

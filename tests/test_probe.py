@@ -14,14 +14,14 @@ from igpt.errors import IgptError
 from igpt.features import concat_layers, draw_per_class, extract_features, pixel_features, raw_pixel_features
 from igpt.model import ar_inputs
 from igpt.palette import Palette
-from igpt.prepare import load_shards
 from igpt.probe import ProbeConfig, low_data, probe_protocol, run_probe
+from igpt.shards import load_shards
 
 
 def write_shards(root: Path, n_px=4, k=6, counts=(120, 40, 60), n_classes=3, seed=0, pixels=False) -> Path:
     """Small labelled grey shards in the `igpt prepare` layout; images of class c are brighter with c."""
     from igpt.io import atomic_write_bytes
-    from igpt.prepare import FORMAT, FORMAT_VERSION
+    from igpt.shards import FORMAT, FORMAT_VERSION
 
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
@@ -204,7 +204,7 @@ def test_feature_cache_is_reused_extended_and_invalidated(tmp_path, monkeypatch)
 
     import igpt.features as F
     from igpt.checkpoint import save_model
-    from igpt.prepare import load_shards
+    from igpt.shards import load_shards
 
     sh = load_shards(write_shards(tmp_path / "sh"))
     model = tiny_model(n_px=4, palette_size=6)

@@ -49,7 +49,7 @@ def test_boom_really_would_run(tmp_path):
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_cifar_batch(tmp_path, marker, protocol):
-    from igpt.data import cifar_source, read_cifar_batch
+    from igpt.cifar import cifar_source, read_cifar_batch
 
     f = tmp_path / "data_batch_1"
     f.write_bytes(pickle.dumps({b"data": Boom(marker), b"labels": [0]}, protocol=protocol))
@@ -74,7 +74,7 @@ def test_hf_pytorch_model_bin(tmp_path, marker):
 def test_object_npy_as_data_palette_and_shards(tmp_path, marker, shards):
     from igpt.data import array_source
     from igpt.palette import Palette
-    from igpt.prepare import load_shards
+    from igpt.shards import load_shards
 
     obj = np.array([Boom(marker)], dtype=object)
     np.save(tmp_path / "x.npy", obj, allow_pickle=True)
@@ -137,7 +137,7 @@ def test_source_has_no_eval_and_only_safe_loaders():
                 bad.append(f"{where} shell=True")
     assert not bad, bad
     # the one Unpickler subclass is the restricted CIFAR one, and it overrides find_class
-    from igpt.data import _CifarUnpickler
+    from igpt.cifar import _CifarUnpickler
 
     assert "find_class" in _CifarUnpickler.__dict__
 

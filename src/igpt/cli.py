@@ -20,14 +20,10 @@ DATA_HELP = ("a named data set ({names}), an image folder (root/<class>/*.png or
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from igpt.prepare import PrepareConfig, describe, prepare
+    from igpt.prepare import PrepareConfig, prepare
+    from igpt.shards import describe
 
-    cfg = PrepareConfig(
-        out=args.out, data=args.data, n_px=args.n_px, palette=args.palette, palette_size=args.palette_size,
-        data_dir=args.data_dir, channels=args.channels, val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction, seed=args.seed,
-        skip_bad=args.skip_bad, chunk_size=args.chunk_size, fit_pixels=args.fit_pixels, pixels=not args.no_pixels,
-    )
+    cfg = _settings(args, PrepareConfig, "config", "prepare", required=("out",))
     meta = prepare(cfg)
     print(describe(meta))
     if meta["palette_fit"]:
@@ -36,7 +32,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
               f"{f['iterations']} iterations, inertia {f['inertia']:.4g}")
     if meta["skipped"]:
         print(f"skipped {len(meta['skipped'])} unreadable file(s), listed in meta.json")
-    print(f"wrote {args.out}")
+    print(f"wrote {cfg.out}")
     return 0
 
 
@@ -145,9 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from igpt.evaluate import EvalConfig, evaluate
 
-    cfg = EvalConfig(checkpoint=args.checkpoint, data=args.data, split=args.split, out=args.out,
-                     batch_size=args.batch_size, max_images=args.max_images, bert_mask_prob=args.mask_prob,
-                     seed=args.seed, device=args.device)
+    cfg = _settings(args, EvalConfig, "config", "eval", required=("checkpoint", "data"))
     res = evaluate(cfg)
     print(f"{res['split']}: {res['nats_per_token']:.5f} nats/token = {res['bits_per_token']:.5f} bits/token "
           f"over {res['images']} images ({res['tokens']}); wrote {res['out']}")
@@ -245,23 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
         description="Decode images, centre-crop non-square ones, resize to N x N (box filter when shrinking), "
                     "fit or load a colour palette, and write token shards (uint16 .npy), labels, the palette "
                     "and meta.json into OUT, atomically.")
-    _data_source_args(q)
-    q.add_argument("--n-px", type=int, default=32, help="image side in pixels (default 32, as the paper)")
-    q.add_argument("--palette", default="fit", help="'fit' (k-means on the training pixels) or a palette file: "
-                   "palette.npy, OpenAI's kmeans_centers.npy or a Hugging Face preprocessor_config.json")
+    q.add_argument("--config", help=CONFIG_HELP.format(fields="PrepareConfig"))
+    _data_source_args(q, default=None)
+    q.add_argument("--n-px", type=int, help="image side in pixels (default 32, as the paper)")
+    q.add_argument("--palette", help="'fit' (k-means on the training pixels) or a palette file: "
+                   "palette.npy, OpenAI's kmeans_centers.npy or a Hugging Face preprocessor_config.json "
+                   "(default fit)")
     q.add_argument("--palette-size", type=int, help="colours for --palette fit (default 512 RGB, 16 grey)")
     q.add_argument("--channels", type=int, choices=(1, 3), help="force grey (1) or RGB (3)")
-    q.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out (default 0.1)")
-    q.add_argument("--test-fraction", type=float, default=0.0,
+    q.add_argument("--val-fraction", type=float, help="share of train held out (default 0.1)")
+    q.add_argument("--test-fraction", type=float,
                    help="share of train held out as a test split when the source has none (default 0)")
-    q.add_argument("--seed", type=int, default=0, help="seed of the validation split and palette fit")
-    q.add_argument("--skip-bad", action="store_true", help="skip unreadable image files, counting them")
-    q.add_argument("--no-pixels", action="store_true",
+    q.add_argument("--seed", type=int, help="seed of the validation split and palette fit (default 0)")
+    q.add_argument("--skip-bad", action="store_true", default=None,
+                   help="skip unreadable image files, counting them (default off)")
+    q.add_argument("--no-pixels", dest="pixels", action="store_false", default=None,
                    help="do not keep {split}_pixels.npy (the images before quantization, for the probe's "
                         "raw-pixel baseline; the baseline then uses the palette colours)")
-    q.add_argument("--chunk-size", type=int, default=2048, help="images per chunk (bounds memory)")
-    q.add_argument("--fit-pixels", type=int, default=1_000_000, help="pixels sampled for the palette fit")
-    q.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    q.add_argument("--chunk-size", type=int, help="images per chunk, bounds memory (default 2048)")
+    q.add_argument("--fit-pixels", type=int, help="pixels sampled for the palette fit (default 1000000)")
+    q.add_argument("--out", help="output directory, replaced atomically (required, here or in --config)")
     q.set_defaults(func=cmd_prepare)
 
     h = sub.add_parser("import-hf", help="convert a Hugging Face ImageGPT checkpoint into an igpt checkpoint",
@@ -357,13 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score a checkpoint on token shards: AR models on every pixel (the first "
                                    "from SOS), BERT models on the pixels of a fixed seeded mask. Prints and "
                                    "writes JSON with nats_per_token and bits_per_token.")
-    _model_and_shards(v, "igpt checkpoint directory", "token shards from `igpt prepare`")
-    v.add_argument("--split", default="test", help="split to score (default test)")
+    v.add_argument("--config", help=CONFIG_HELP.format(fields="EvalConfig"))
+    _model_and_shards(v, "igpt checkpoint directory", "token shards from `igpt prepare`", required=False)
+    v.add_argument("--split", help="split to score (default test)")
     v.add_argument("--out", help="JSON file to write (default CHECKPOINT/eval.json)")
-    v.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    v.add_argument("--max-images", type=int, default=0, help="score only the first N images (default 0: all)")
-    v.add_argument("--mask-prob", type=float, default=0.15, help="BERT: masking probability (default 0.15)")
-    v.add_argument("--seed", type=int, default=0, help="BERT: seed of the fixed mask (default 0)")
+    v.add_argument("--batch-size", type=int, help="images per forward pass (default 64)")
+    v.add_argument("--max-images", type=int, help="score only the first N images (default 0: all)")
+    v.add_argument("--mask-prob", dest="bert_mask_prob", type=float,
+                   help="BERT: masking probability (default 0.15)")
+    v.add_argument("--seed", type=int, help="BERT: seed of the fixed mask (default 0)")
     v.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("probe", help="per-layer linear probes, raw-pixel baseline, low-data protocol",

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from igpt.data import Source, array_source, cifar_source, folder_source, idx_split
+from igpt.cifar import cifar_source
+from igpt.data import Source, array_source, folder_source, idx_split
 from igpt.errors import IgptError
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

@@ -188,11 +188,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     from igpt.datasets import open_source
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import nll
-    from igpt.prepare import PrepareConfig, load_shards, prepare
+    from igpt.prepare import PrepareConfig, prepare
     from igpt.presets import get_preset
     from igpt.probe import ProbeConfig, run_probe
     from igpt.report import write_report
     from igpt.sample import sample_to_grid
+    from igpt.shards import load_shards
     from igpt.train import train
     from igpt.train_log import read_metrics
 

@@ -87,7 +87,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     """Score ``cfg.split`` of the shards; write and return {'nats_per_token', 'bits_per_token', ...}."""
     from igpt.checkpoint import load_model
     from igpt.distributed import get_dist_info, pick_device
-    from igpt.prepare import load_shards
+    from igpt.shards import load_shards
 
     shards = load_shards(cfg.data)
     tokens = shards.tokens(cfg.split)

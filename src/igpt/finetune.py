@@ -159,7 +159,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import check_compatible
     from igpt.io import check_replaceable
-    from igpt.prepare import load_shards
+    from igpt.shards import load_shards
 
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():

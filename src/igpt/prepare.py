@@ -24,12 +24,11 @@ from igpt.data import Source
 from igpt.datasets import BUNDLED, open_source
 from igpt.errors import IgptError
 from igpt.images import convert_channels, resize_batch
-from igpt.io import atomic_dir, atomic_write_bytes, check_replaceable, read_json
-from igpt.palette import Palette, channel_name, fit_palette
+from igpt.io import atomic_dir, atomic_write_bytes, check_replaceable
+from igpt.kmeans import fit_palette
+from igpt.palette import Palette
+from igpt.shards import FORMAT, FORMAT_VERSION, SPLITS
 
-FORMAT = "igpt-shards"
-FORMAT_VERSION = 1
-SPLITS = ("train", "val", "test")
 NATIVE_MAX_VALUES = 64 * 64 * 3  # native-resolution pixel files are kept up to this many values per image
 OPENAI_NPY = "openai-npy:"  # --data openai-npy:DIR: OpenAI's pre-quantized trX/vaX/teX arrays (igpt.openai)
 
@@ -289,82 +288,3 @@ def write_meta(folder: Path, cfg: PrepareConfig, palette: Palette, source: str, 
     }
     atomic_write_bytes(folder / "meta.json", (json.dumps(meta, indent=2) + "\n").encode())
     return meta
-
-
-# -- loading ------------------------------------------------------------------------------------------------
-@dataclass
-class Shards:
-    root: Path
-    meta: dict
-    palette: Palette
-
-    @property
-    def n_px(self) -> int:
-        return self.meta["n_px"]
-
-    @property
-    def splits(self) -> list[str]:
-        return [s for s in SPLITS if s in self.meta["counts"]]
-
-    def tokens(self, split: str) -> np.ndarray:
-        """Memory-mapped uint16 ids (N, n_px * n_px) of one split."""
-        if split not in self.meta["counts"]:
-            raise IgptError(f"{self.root}: no '{split}' split (has {', '.join(self.splits)})")
-        return np.load(self.root / f"{split}_tokens.npy", mmap_mode="r", allow_pickle=False)
-
-    def labels(self, split: str) -> np.ndarray | None:
-        path = self.root / f"{split}_labels.npy"
-        return np.load(path, allow_pickle=False) if path.is_file() else None
-
-    def pixels(self, split: str, native: bool = False) -> np.ndarray | None:
-        """Memory-mapped uint8 images (N, side, side, C) of one split before quantization, at n_px or (native)
-        at the source's own resolution (centre-cropped square); None when prepare did not keep them
-        (--no-pixels, OpenAI's pre-quantized data, sources of mixed or small sizes for native)."""
-        side = self.meta.get("native_px") if native else self.n_px
-        path = self.root / f"{split}_{'native' if native else 'pixels'}.npy"
-        if not side or not path.is_file():
-            return None
-        try:
-            x = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise IgptError(f"{path}: unreadable ({e})") from None
-        want = (self.meta["counts"][split], side, side, self.meta["channels"])
-        if x.dtype != np.uint8 or x.shape != want:
-            raise IgptError(f"{path}: {x.dtype} {x.shape}, meta.json says uint8 {want}")
-        return x
-
-
-def load_shards(path: str | Path) -> Shards:
-    """Open a shard directory made by ``prepare``, checking it is complete and consistent."""
-    root = Path(path)
-    meta_path = root / "meta.json"
-    if not meta_path.is_file():
-        raise IgptError(f"{root}: not a complete shard directory (no meta.json; run `igpt prepare`)")
-    meta = read_json(meta_path)
-    try:
-        if meta.get("format") != FORMAT:
-            raise IgptError(f"{meta_path}: not an igpt shard description (format {meta.get('format')!r})")
-        n_px, counts = int(meta["n_px"]), dict(meta["counts"])
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise IgptError(f"{meta_path}: malformed ({e})") from None
-    palette = Palette.load(root / "palette.npy")
-    if palette.hash != meta.get("palette_sha256"):
-        raise IgptError(f"{root}: palette.npy does not match the palette the shards were made with (meta.json)")
-    if palette.channels != meta.get("channels"):
-        raise IgptError(f"{root}: meta.json says {meta.get('channels')} channels, palette.npy has {palette.channels}")
-    shards = Shards(root, meta, palette)
-    for split, n in counts.items():
-        try:
-            t = shards.tokens(split)
-        except (OSError, ValueError) as e:
-            raise IgptError(f"{root / f'{split}_tokens.npy'}: unreadable ({e})") from None
-        if t.dtype != np.uint16 or t.shape != (n, n_px * n_px):
-            raise IgptError(f"{root / f'{split}_tokens.npy'}: {t.dtype} {t.shape}, meta.json says uint16 "
-                            f"({n}, {n_px * n_px})")
-    return shards
-
-
-def describe(meta: dict) -> str:
-    counts = ", ".join(f"{k} {v}" for k, v in meta["counts"].items())
-    return (f"{meta['source']}: {counts} images at {meta['n_px']}x{meta['n_px']}, "
-            f"{channel_name(meta['channels'])}, palette of {meta['palette_size']} colours")

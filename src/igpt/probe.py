@@ -173,7 +173,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import check_compatible
     from igpt.features import cache_key, cached_features, concat_layers, pixel_features, raw_pixel_features
-    from igpt.prepare import load_shards
+    from igpt.shards import load_shards
 
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise IgptError(f"--out {cfg.out} exists and is not a directory")

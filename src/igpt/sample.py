@@ -155,7 +155,7 @@ def completion_cells(originals: np.ndarray, rows: int, completions: np.ndarray, 
 
 def load_split(shards: str | Path, n_px: int, palette_size: int) -> tuple[np.ndarray, str]:
     """Token images from prepared shards: the test split, else val -> (uint16 (N, n_px^2), split name)."""
-    from igpt.prepare import load_shards
+    from igpt.shards import load_shards
 
     sh = load_shards(shards)
     if sh.n_px != n_px or sh.palette.k != palette_size:

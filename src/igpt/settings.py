@@ -1,6 +1,6 @@
-"""Settings files for `igpt train / finetune / demo --config FILE`: a JSON or TOML table of a config dataclass's
-fields, parsed as data (never imported or evaluated) and checked by name and type before the dataclass's own
-validation runs. The JSON a run writes can be read back: its config section is used.
+"""Settings files for `igpt prepare / train / eval / probe / finetune / demo --config FILE`: a JSON or TOML
+table of a config dataclass's fields, parsed as data (never imported or evaluated) and checked by name and type
+before the dataclass's own validation runs. The JSON a run writes can be read back: its config section is used.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from igpt.errors import IgptError
 
 def read_settings_file(path: str | Path, section: str) -> dict:
     """The table of settings in a .json or .toml file. A file whose ``section`` entry is itself a table (the
-    JSON a run writes: a train run's config.json under "train", finetune.json and the demo's marker under
-    "config") gives that table, so a run can be repeated from its own record."""
+    JSON a run writes: a train run's config.json under "train"; a shard directory's meta.json, eval.json,
+    probe.json, finetune.json and a demo's demo.json under "config") gives that table, so a run can be repeated from its own record."""
     p = Path(path)
     kind = {".json": "JSON", ".toml": "TOML"}.get(p.suffix.lower())
     if kind is None:

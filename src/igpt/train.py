@@ -24,9 +24,9 @@ from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes, check_replaceable, remove_stale_temporaries
 from igpt.loader import BatchStream
 from igpt.model import ImageGPT, ImageGPTConfig, ar_inputs, ar_loss, bert_loss
-from igpt.prepare import load_shards
 from igpt.presets import get_preset
 from igpt.schedule import lr_at
+from igpt.shards import load_shards
 from igpt.train_config import TrainConfig, changed_fields
 from igpt.train_log import METRICS, PLOT, RunLog, bits
 from igpt.train_state import (
