@@ -7,7 +7,7 @@ Stages (each the library's own entry point):
 1. ``igpt prepare``: 60,000 train (10% held out as val) and 10,000 test images at --n-px with a --palette-size
    grey palette; the shards keep the images before quantization at n_px and at the native 28x28 for the
    raw-pixel baselines. An existing OUT/shards made with the same settings is reused.
-2. one training step is measured (igpt.demo.step_seconds) and the step count set so that pretraining fits
+2. one training step is measured (igpt.budget.step_seconds) and the step count set so that pretraining fits
    --minutes (with the train loop's overhead); --steps fixes it instead. With --minutes the loop also stops
    (checkpointing) once it has run that long (TrainConfig.time_limit; the schedule stays that of the planned
    steps). ``igpt train`` resumes from OUT/run when a previous attempt was interrupted (a resumed attempt gets
@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from igpt.budget import step_seconds
     from igpt.checkpoint import load_model
-    from igpt.demo import step_seconds
     from igpt.distributed import get_dist_info, pick_device
     from igpt.errors import IgptError
     from igpt.evaluate import nll

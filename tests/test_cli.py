@@ -62,6 +62,11 @@ def test_prepare_command_end_to_end(tmp_path):
         assert t.dtype == np.uint16 and t.shape[1] == 144 and int(t.max()) < 8
         assert len(np.load(tmp_path / "sh" / f"{split}_labels.npy")) == len(t)
     assert {"palette.npy", "palette.json", "meta.json"} <= {p.name for p in (tmp_path / "sh").iterdir()}
+    # the shards' own meta.json repeats the run: the same palette and the same tokens
+    r = run("prepare", "--config", str(tmp_path / "sh" / "meta.json"), "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    for name in ("palette.npy", "train_tokens.npy", "val_tokens.npy", "test_labels.npy"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "sh" / name).read_bytes(), name
 
 
 def test_import_export_and_sample_commands(tmp_path):

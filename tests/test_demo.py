@@ -169,22 +169,6 @@ def test_report_calls_a_difference_within_one_standard_error_a_tie():
     assert noise_note(0.825, 0.824, 1_000_000) == ""  # a large test set resolves 0.1 points
 
 
-def test_plan_steps_fits_the_budget():
-    from igpt.demo import RESERVE, TRAIN_OVERHEAD, plan_steps
-
-    kw = dict(step_s=0.3, fwd_s=0.1, batch=32, n_eval_images=2800, n_feature_images=10000, n_sample_tokens=8192,
-              max_steps=5000)
-    small, big = plan_steps(300, **kw), plan_steps(600, **kw)
-    assert 20 <= small["steps"] < big["steps"] < 5000
-    for p in (small, big):  # training (with the loop's overhead) plus what is kept for later fits the budget
-        assert p["steps"] * 0.3 * TRAIN_OVERHEAD + p["reserved_s"] <= p["budget_s"] + 1e-6
-        # the loop's hard stop: the planned training time plus half the fixed reserve, inside the budget
-        assert p["time_limit_s"] == pytest.approx(p["budget_s"] - p["reserved_s"] + RESERVE * p["budget_s"] / 2)
-        assert p["steps"] * 0.3 * TRAIN_OVERHEAD < p["time_limit_s"] < p["budget_s"]
-    assert plan_steps(10, **kw)["steps"] == 20  # a budget too small still trains a little
-    assert plan_steps(10**6, **kw)["steps"] == 5000  # capped
-
-
 def test_commands_of_a_run_stopped_by_the_time_limit_reproduce_it():
     from types import SimpleNamespace
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from igpt.budget import plan_steps, step_seconds
 from igpt.datasets import BUNDLED
 from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes, check_replaceable
@@ -36,11 +37,6 @@ STAGES = 6
 # L-BFGS iterations per probe fit: accuracies settle long before the 1000 of `igpt probe`'s default, and the
 # weakly regularised fits (large C) would otherwise take most of the demo's time.
 PROBE_MAX_ITER = 300
-# wall time of a training-loop step over the bare step measured by step_seconds (median): measured 0.93-1.06 in
-# 12x12 demo runs (validation passes, logging, the final checkpoint; the measurement itself tends to run slow);
-# the loop's time limit stops a slower run, by then in the cosine schedule's near-zero tail
-TRAIN_OVERHEAD = 1.0
-RESERVE = 0.07  # share of the budget kept back for the probe's fits, the report and a noisy machine
 # the probe also fits layers best-2 .. best+2 concatenated (the paper's trick; reported beside the best layer)
 PROBE_CONCAT = 2
 
@@ -80,65 +76,6 @@ class DemoConfig:
 
 def _say(stage: int, text: str) -> None:
     print(f"[{stage}/{STAGES}] {text}", flush=True)
-
-
-def step_seconds(mcfg, batch_size: int, lr: float, device: torch.device, repeats: int = 7,
-                 compile: bool = False) -> tuple[float, float]:
-    """Measured seconds of one training step (forward + backward + AdamW, in the train loop's dtype) and of
-    one inference forward pass over ``batch_size`` images, on a throw-away model of the run's shape: the
-    median of ``repeats`` after a warm-up (one slow repeat on a shared machine would cost the run steps, one
-    fast one would buy steps the loop cannot run: the minimum of 5 once planned 47 ms for a 58 ms loop step;
-    TRAIN_OVERHEAD covers the loop's extra cost). ``compile``: blocks compiled as ``igpt train --compile``
-    does (the warm-up step then pays the compilation)."""
-    from igpt.distributed import wrap_model
-    from igpt.model import ImageGPT
-    from igpt.train import fused_adamw, micro_loss, pick_dtype
-
-    dtype = pick_dtype("auto", device)
-    model = wrap_model(ImageGPT(mcfg).to(device), device, compile=compile)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=fused_adamw(device))
-    x = torch.randint(0, mcfg.palette_size, (batch_size, mcfg.seq_len), device=device)
-
-    def one_step():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            micro_loss(model, x, None, mcfg).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    def one_forward():
-        with torch.no_grad():
-            model(x)
-
-    times = {}
-    for name, fn in (("step", one_step), ("forward", one_forward)):
-        fn()  # warm-up
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            ts.append(time.perf_counter() - t)
-        times[name] = statistics.median(ts)
-    return times["step"], times["forward"]
-
-
-def plan_steps(budget_s: float, step_s: float, fwd_s: float, batch: int, n_eval_images: int, n_feature_images: int,
-               n_sample_tokens: int, max_steps: int) -> dict:
-    """Steps that fit the budget. The rest of the run is estimated from the measured forward time: feature
-    extraction and NLL are forward passes over the splits, sampling one forward step per token of the
-    longest sequence (a KV cache makes that about a forward pass of one position per token), plus a fixed
-    share for the probe's logistic-regression fits and the report."""
-    per_image_fwd = fwd_s / batch
-    features = n_feature_images * per_image_fwd
-    nll = n_eval_images * per_image_fwd
-    sampling = n_sample_tokens * fwd_s / batch / 4  # decoding one row: ~a quarter of a full row's cost per token
-    fixed = RESERVE * budget_s
-    left = budget_s - features - nll - sampling - fixed
-    # the loop costs more than the bare step: validation passes, checkpoints, logging (TRAIN_OVERHEAD)
-    steps = int(min(max_steps, max(20, left / (TRAIN_OVERHEAD * step_s))))
-    return {"budget_s": budget_s, "step_s": step_s, "forward_s": fwd_s, "reserved_s": budget_s - left,
-            "steps": steps, "time_limit_s": left + fixed / 2}  # the loop may eat half the reserve, no more
 
 
 def _train_config(cfg: DemoConfig, shards_dir: Path, run_dir: Path, steps: int, time_limit: float | None):

@@ -128,8 +128,6 @@ class _SiluLinearFn(torch.autograd.Function):
         return torch.ops.aten.silu_backward(g.mm(W), z), dW, g.sum(0)
 
 
-
-
 def silu_linear(z: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """F.linear(F.silu(z), W, b) for z (N, k), saving z but not silu(z) (``_SiluLinearFn``)."""
     return _SiluLinearFn.apply(z, W, b)
