@@ -2,7 +2,7 @@
 
 Layout follows OpenAI's ``kmeans_centers.npy``: an array (k, C) of cluster centres in [-1, 1], where a pixel
 value v in 0..255 sits at v / 127.5 - 1. A palette of RGB colours has C = 3 (512 colours = the paper's
-"9-bit" palette); a grey palette has C = 1.
+"9-bit" palette); a grey palette has C = 1. Fitting one (k-means) lives in ``igpt.kmeans``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Token shards: images -> n_px x n_px -> palette ids, written once and memory-mapped by every later stage.
+"""Writing token shards: images -> n_px x n_px -> palette ids, once; every later stage memory-maps them
+(``igpt.shards.load_shards``).
 
 ``prepare`` makes, in one atomic directory, ``{train,val,test}_tokens.npy`` (uint16 (N, n_px * n_px), raster
 order), the matching ``*_labels.npy`` (int64) when the source has labels, ``*_pixels.npy`` (uint8
