@@ -1,4 +1,5 @@
-"""Data sources (IDX, numpy arrays, image folders) and the image decoding policy, on files made here and on the real files in ../shared/data."""
+"""Data sources (IDX, numpy arrays, image folders) and the image decoding policy, on files made here and on the
+real files in ../shared/data (CIFAR batches: test_cifar.py)."""
 
 from __future__ import annotations
 
