@@ -43,6 +43,10 @@ def test_every_command_has_help(name, capsys):
     (["prepare", "--palette", "missing.npy", "--out", "o"], "palette file not found"),
     (["prepare", "--palette", "x.npy", "--palette-size", "8", "--out", "o"], "--palette-size only applies"),
     (["prepare", "--n-px", "1", "--out", "o"], "n_px must be"),
+    (["probe", "--checkpoint", "c", "--data", "d", "--out", "o", "--cs", "1,a"],
+     "--cs must be comma-separated numbers, got '1,a'"),
+    (["probe", "--checkpoint", "c", "--data", "d", "--out", "o", "--labels-per-class", "4,x"],
+     "--labels-per-class must be comma-separated integers, got '4,x'"),
 ])
 def test_user_errors_are_one_line(tmp_path, args, message):
     r = run(*args, cwd=tmp_path)

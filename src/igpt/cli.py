@@ -148,13 +148,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(flag: str, text: str | None) -> tuple[int, ...]:
+def _number_list(flag: str, text: str | None, kind: type, what: str) -> tuple:
+    """'a,b,c' -> (kind(a), kind(b), kind(c)); '' -> ()."""
     if not text:
         return ()
     try:
-        return tuple(int(s) for s in text.split(","))
+        return tuple(kind(s) for s in text.split(","))
     except ValueError:
-        raise IgptError(f"{flag} must be comma-separated integers, got {text!r}") from None
+        raise IgptError(f"{flag} must be comma-separated {what}, got {text!r}") from None
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -162,12 +163,9 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
     cs = vars(args).pop("cs")  # the two list flags, as the config's tuples
     if cs is not None:
-        try:
-            args.Cs = tuple(float(s) for s in cs.split(","))
-        except ValueError:
-            raise IgptError(f"--cs must be comma-separated numbers, got {cs!r}") from None
+        args.Cs = _number_list("--cs", cs, float, "numbers")
     if args.labels_per_class is not None:
-        args.labels_per_class = _int_list("--labels-per-class", args.labels_per_class)
+        args.labels_per_class = _number_list("--labels-per-class", args.labels_per_class, int, "integers")
     cfg = _settings(args, ProbeConfig, "config", "probe", required=("checkpoint", "data", "out"))
     res = run_probe(cfg)
     print(f"best layer {res['best_layer']} (C {res['C']:g}, on val): val {100 * res['val_accuracy']:.2f}%, "
