@@ -72,6 +72,24 @@ def test_bert_nll_uses_a_fixed_seeded_mask():
     assert nll(model, tokens, mask_prob=0.5, seed=4) != nll(model, tokens, mask_prob=0.5, seed=3)
 
 
+def test_bert_nll_leaves_out_images_without_a_masked_pixel():
+    """At a low mask probability some images get no masked pixel: they have nothing to score and must not
+    count as a loss of 0 (which biased the NLL low by their share), in any batching."""
+    model = tiny_model(n_px=4, palette_size=6, mode="bert")
+    tokens = np.random.default_rng(2).integers(0, 6, size=(40, 16)).astype(np.uint16)
+    x = torch.from_numpy(tokens.astype(np.int64))
+    mask = torch.rand(40, 16, generator=torch.Generator().manual_seed(5)) < 0.05
+    has = mask.any(1)
+    assert 5 <= int((~has).sum()) <= 35  # the case at hand: some images without a masked pixel
+    with torch.no_grad():
+        ce = -torch.log_softmax(model(x, mask), -1).gather(-1, x[..., None])[..., 0]
+    ref = ((ce * mask).sum(1)[has] / mask.sum(1)[has]).mean().item()
+    for bs in (3, 40):
+        assert nll(model, tokens, batch_size=bs, mask_prob=0.05, seed=5) == pytest.approx(ref, rel=1e-5)
+    with pytest.raises(IgptError, match="no image got a masked pixel"):
+        nll(model, tokens[:2], mask_prob=1e-9)
+
+
 def test_mismatched_model_and_shards_are_user_errors(tmp_path):
     sh = write_shards(tmp_path / "sh", n_px=4, k=6)
     ck = save_model(tmp_path / "ck", tiny_model(n_px=8, palette_size=6))

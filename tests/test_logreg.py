@@ -36,6 +36,23 @@ def test_agrees_with_sklearn(C):
     assert np.abs((b - b.mean()) - (ref.intercept_ - ref.intercept_.mean())).max() < 1e-4
 
 
+@pytest.mark.parametrize("C", [0.01, 1.0])
+def test_two_classes_agree_with_sklearns_binary_model(C):
+    """sklearn fits one weight vector for two classes; ours keeps two softmax rows, whose difference must be
+    sklearn's coef_ at the same C (not at 2 C, which an unscaled penalty on two rows would give)."""
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = blobs(n=300, d=5, k=2, noise=1.5, seed=3)
+    Z = Standardizer.fit(X)(X).astype(np.float64)
+    ours = fit_logreg(Z, y, C, 2, dtype=torch.float64, tol=1e-10, device="cpu")
+    ref = LogisticRegression(C=C, solver="lbfgs", tol=1e-10, max_iter=10_000).fit(Z, y)
+    assert np.abs((ours.W[1] - ours.W[0]).numpy() - ref.coef_[0]).max() < 1e-5
+    assert abs((ours.b[1] - ours.b[0]).item() - ref.intercept_[0]) < 1e-5
+    theirs = torch.tensor(np.stack([-ref.coef_[0], ref.coef_[0]]) / 2)
+    bias = torch.tensor([-ref.intercept_[0], ref.intercept_[0]]) / 2
+    assert ours.loss == pytest.approx(objective(theirs, bias, torch.tensor(Z), torch.tensor(y), C).item(), rel=1e-7)
+
+
 def test_closed_form_gradients_equal_autograd_of_the_objective():
     X, y = blobs(n=300, d=7, k=5, seed=2)
     g = torch.Generator().manual_seed(0)

@@ -201,6 +201,9 @@ def test_bert_mode_is_bidirectional_and_hides_masked_tokens():
     ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x.flatten(), reduction="none").view(2, 64)
     ref = torch.stack([ce[i][mask[i]].mean() for i in range(2)]).mean()
     torch.testing.assert_close(loss, ref)
+    none = torch.zeros_like(mask[:1])  # a third image with no masked position is left out, not scored as 0
+    torch.testing.assert_close(bert_loss(torch.cat([logits, logits[:1]]), torch.cat([x, x[:1]]),
+                                         torch.cat([mask, none])), ref)
 
 
 # -- features -------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ feature extraction in one pass, and `run_probe` end to end on a tiny checkpoint.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,8 @@ def test_low_data_draws_exactly_k_per_class_and_differ_across_seeds():
     assert np.array_equal(draw_per_class(y, 5, 1), draws[1])  # seeded: reproducible
     with pytest.raises(IgptError, match="fewer than 31"):
         draw_per_class(y, 31, 0)
+    with pytest.raises(IgptError, match="class 4 has 0 training examples"):  # a class absent from the labels
+        draw_per_class(y, 5, 0, n_classes=5)
 
 
 def test_low_data_protocol_reports_mean_and_std_per_k():
@@ -175,6 +178,24 @@ def test_run_probe_end_to_end(tmp_path):
     assert saved["concat"]["layers"] == [i for i in (b - 1, b, b + 1) if 0 <= i <= 2]
 
 
+def test_run_probe_refuses_empty_splits_and_absent_classes(tmp_path):
+    """One-line errors before any feature is computed: an empty val split (`prepare --val-fraction 0` makes
+    one), and a class that the low-data protocol cannot draw K of because train has none of it."""
+    from igpt_testutil import tiny_model
+
+    from igpt.checkpoint import save_model
+
+    sh = write_shards(tmp_path / "sh", counts=(120, 0, 60))
+    ck = save_model(tmp_path / "ck", tiny_model(n_px=4, palette_size=6), Palette.load(sh / "palette.npy"))
+    with pytest.raises(IgptError, match="empty: val"):
+        run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out")))
+    sh = write_shards(tmp_path / "sh2")
+    np.save(sh / "train_labels.npy", np.arange(120) % 2)  # class 2 only in val and test
+    with pytest.raises(IgptError, match="class 2 has 0 training examples, fewer than 3"):
+        run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out"), labels_per_class=(3,)))
+    assert not (tmp_path / "out").exists()
+
+
 def test_baseline_reads_the_pixels_before_quantization(tmp_path):
     from igpt_testutil import tiny_model
 
@@ -222,3 +243,10 @@ def test_feature_cache_is_reused_extended_and_invalidated(tmp_path, monkeypatch)
     save_model(ck, model, sh.palette)  # new weights file: the cache no longer applies
     F.cached_features(model, tokens, [0], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
     assert calls[-1] == [0] and not (cache / "val_layer2.npy").exists()
+    # shards prepared anew at the same path with as many images and the same palette: other tokens, other key
+    n = len(calls)
+    shutil.rmtree(sh.root)
+    sh2 = load_shards(write_shards(tmp_path / "sh", seed=1))
+    fresh = F.cached_features(model, sh2.tokens("val"), [0], 16, "cpu", cache, F.cache_key(ck, sh2, "val"))
+    assert len(calls) == n + 1
+    assert np.array_equal(fresh[0], real(model, sh2.tokens("val"), [0], 16, "cpu")[0])

@@ -3,7 +3,8 @@
 AR models score every pixel, the first one from the SOS position (input [SOS, x0 .. x_{n-2}]); the result is
 the mean over all pixels of all images. BERT models score masked pixels only, under a fixed seeded mask (each
 position masked independently with probability ``bert_mask_prob``): per image the mean over its masked pixels,
-then the mean over images (OpenAI's reduction, the same as training's validation loss).
+then the mean over the images that have one (an image without a masked pixel has nothing to score; the same
+reduction as training's loss and validation loss).
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def check_compatible(model_cfg, shards, checkpoint_palette=None) -> None:
 @torch.no_grad()
 def nll(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int = 0, device="cpu") -> float:
     """Mean negative log-likelihood in nats per token of uint16 ids (N, T) (AR: every pixel; BERT: masked
-    pixels under a fixed mask drawn from ``seed``, per image then over images)."""
+    pixels under a fixed mask drawn from ``seed``, per image then over the images with a masked pixel)."""
+    from igpt.model import scored_images
     from igpt.train import micro_loss
 
     cfg = model.config
@@ -74,13 +76,17 @@ def nll(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int 
         raise IgptError("no images to evaluate")
     g = torch.Generator().manual_seed(seed)
     masks = torch.rand(n, tokens.shape[1], generator=g) < mask_prob if cfg.mode == "bert" else None
-    total = 0.0
+    total, images = 0.0, 0
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)
         px = torch.from_numpy(tokens[i:j].astype("int64")).to(device)
         m = None if masks is None else masks[i:j].to(device)
-        total += micro_loss(model, px, m, cfg).double().item() * (j - i)  # every image has T tokens
-    return total / n
+        w = scored_images(px, m)  # AR: every image (each has T tokens); BERT: the images with a masked pixel
+        total += micro_loss(model, px, m, cfg).double().item() * w
+        images += w
+    if images == 0:
+        raise IgptError(f"no image got a masked pixel at mask probability {mask_prob}: nothing to score")
+    return total / images
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -103,7 +109,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         "bits_per_token": nats_to_bits(nats),
         "tokens": "every pixel, the first scored from SOS" if mode == "ar" else
                   f"masked pixels only: a fixed mask (seed {cfg.seed}), each pixel masked with probability "
-                  f"{cfg.bert_mask_prob}; mean per image, then over images",
+                  f"{cfg.bert_mask_prob}; mean per image, then over the images with a masked pixel",
         "mode": mode, "split": cfg.split, "images": len(tokens), "tokens_per_image": int(tokens.shape[1]),
         "palette_size": model.config.palette_size, "checkpoint": str(cfg.checkpoint), "data": str(cfg.data),
         "config": asdict(cfg),

@@ -8,6 +8,7 @@ Features can be cached as .npy files (no pickle), keyed by the weights file and 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -51,14 +52,15 @@ def concat_layers(feats: dict[int, np.ndarray], centre: int, k: int) -> tuple[li
     return ls, np.concatenate([feats[i] for i in ls], axis=1)
 
 
-def draw_per_class(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """Sorted indices of exactly ``k`` examples of every class present in ``labels``, drawn without replacement
-    by a generator seeded with (seed, k). ValueError-free: a class with fewer than k examples is an error."""
+def draw_per_class(labels: np.ndarray, k: int, seed: int, n_classes: int | None = None) -> np.ndarray:
+    """Sorted indices of exactly ``k`` examples of every class (0 .. n_classes - 1, or those present in
+    ``labels``), drawn without replacement by a generator seeded with (seed, k). A class with fewer than k
+    examples (none included) is an error."""
     from igpt.errors import IgptError
 
     rng = np.random.default_rng([seed, k])
     picks = []
-    for c in np.unique(labels):
+    for c in np.unique(labels) if n_classes is None else range(n_classes):
         where = np.flatnonzero(labels == c)
         if len(where) < k:
             raise IgptError(f"low-data protocol: class {c} has {len(where)} training examples, fewer than {k}")
@@ -67,12 +69,18 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 def cache_key(checkpoint: str | Path, shards, split: str) -> dict:
-    """What the cached features of one split depend on: the weights file (path, size, mtime) and the shards."""
+    """What the cached features of one split depend on: the model (its weights file's path, size and mtime, and
+    its config) and the split's tokens (the file's path, size and mtime: shards prepared anew at the same path
+    with as many images are other data), with the palette."""
     w = Path(checkpoint) / "model.safetensors"
     st = w.stat()
+    cfg = Path(checkpoint) / "config.json"
+    tokens = Path(shards.root) / f"{split}_tokens.npy"
+    ts = tokens.stat()
     return {"weights": str(w.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "shards": str(Path(shards.root).resolve()), "palette_sha256": shards.palette.hash,
-            "count": int(shards.meta["counts"][split]), "split": split}
+            "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None,
+            "tokens": str(tokens.resolve()), "tokens_size": ts.st_size, "tokens_mtime_ns": ts.st_mtime_ns,
+            "palette_sha256": shards.palette.hash, "count": int(shards.meta["counts"][split]), "split": split}
 
 
 def cached_features(model, tokens, layers, batch_size: int, device, cache_dir: Path | None, key: dict):

@@ -3,7 +3,8 @@
 The head is a bias-free linear map (num_classes, d) (Hugging Face's ``score`` layout) on the mean over positions
 of the final normalised features ln_f(h_L), the same feature as ``ImageGPT.features(idx, [n_layer])``. The loss
 is L_clf + lambda * L_gen (lambda = 1 by default, 0 = classification only), L_gen being the model's own
-objective (AR: next pixel over every pixel; BERT: masked pixels, per image then over images), both in nats.
+objective (AR: next pixel over every pixel; BERT: masked pixels, per image then over the images
+with one), both in nats.
 One forward pass per batch gives both: the blocks run once, ln_f's output is pooled for the head and fed to
 lm_head for L_gen (lm_head is skipped when lambda = 0, so it gets no gradient).
 
@@ -236,7 +237,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "steps_run": step, "stopped_early": step < cfg.steps, "history": history, "train": train_log,
         "objective": f"L_clf + {cfg.lambda_gen:g} * L_gen (nats; L_gen: "
                      + ("next pixel over every pixel)" if not bert else
-                        f"masked pixels, p = {cfg.bert_mask_prob}, per image then over images)"),
+                        f"masked pixels, p = {cfg.bert_mask_prob}, per image then over the images with one)"),
         "evaluation": ("argmax of the class probabilities" if not bert else
                        f"class probabilities averaged over {cfg.mask_ensemble} fixed random mask(s) "
                        f"(p = {cfg.bert_mask_prob}, seed {cfg.seed})"),

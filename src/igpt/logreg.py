@@ -5,6 +5,10 @@ scale does not depend on the data size (the same minimiser):
 
     sum_i CE(W x_i + b, y_i) / n  +  ||W||^2 / (2 C n)        (nats per example; the bias is not penalised)
 
+With two classes scikit-learn fits one weight vector w (the logistic model), where the softmax here keeps two
+rows; at the minimum W[1] = -W[0] = w / 2, so ||W||^2 = ||w||^2 / 2 and the penalty is doubled to stay the same
+problem (W[1] - W[0] then equals sklearn's ``coef_`` at the same C).
+
 ``fit_batch`` fits many such problems at once, as one batched L-BFGS: G data sets of the same shape (the
 layers of a probe, the draws of the low-data protocol), each at P values of C. An iteration costs two matrix
 products per data set for all of its problems and one host sync (plus one per extra line-search trial), so a
@@ -33,9 +37,17 @@ REFRESH = 25  # recompute the logits from the weights every this many iterations
 
 
 def objective(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor, C: float) -> torch.Tensor:
-    """Mean cross-entropy in nats per example + ||W||^2 / (2 C n): sklearn's C * sum CE + ||W||^2 / 2, over C n."""
+    """Mean cross-entropy in nats per example + ||W||^2 / (2 C n): sklearn's C * sum CE + ||W||^2 / 2, over C n
+    (with two classes the penalty is doubled: sklearn's binary model, see the module docstring)."""
     n = X.shape[0]
-    return F.cross_entropy(X @ W.T + b, y, reduction="mean") + W.pow(2).sum() / (2.0 * C * n)
+    penalty = W.pow(2).sum() * penalty_scale(W.shape[0]) / (2.0 * C * n)
+    return F.cross_entropy(X @ W.T + b, y, reduction="mean") + penalty
+
+
+def penalty_scale(n_classes: int) -> float:
+    """2 for two classes (sklearn fits one weight vector w = W[1] - W[0], so ||w||^2 = 2 ||W||^2 at the
+    minimum), else 1."""
+    return 2.0 if n_classes == 2 else 1.0
 
 
 @dataclass
@@ -106,7 +118,7 @@ class _Problems:
         self.K, self.X = K, X
         self.gid = np.repeat(np.arange(G), P)  # host copy: which data set each problem fits
         self.y = y.repeat_interleave(P, 0)[:, None, :]  # (Q, 1, n)
-        self.inv_cn = (1.0 / (C.reshape(-1) * self.n)).to(X.dtype)  # (Q,)
+        self.inv_cn = (penalty_scale(K) / (C.reshape(-1) * self.n)).to(X.dtype)  # (Q,)
         self._ranges()
 
     def _ranges(self) -> None:

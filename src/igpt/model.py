@@ -118,12 +118,20 @@ def ar_loss(logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def bert_loss(logits: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Nats per masked token: per image the mean over its masked positions, then the mean over images
-    (as OpenAI's code). Images with no masked position contribute 0."""
+    """Nats per masked token: per image the mean over its masked positions, then the mean over the images that
+    have a masked position (an image without one has nothing to score and is left out, not counted as 0; 0 if
+    no image has one)."""
     ce = F.cross_entropy(logits.flatten(0, 1).float(), pixels.flatten().long(), reduction="none")
     m = mask.reshape(ce.shape).to(ce.dtype)
-    per_image = (ce * m).view(mask.shape).sum(1) / m.view(mask.shape).sum(1).clamp_min(1.0)
-    return per_image.mean()
+    count = m.view(mask.shape).sum(1)
+    per_image = (ce * m).view(mask.shape).sum(1) / count.clamp_min(1.0)
+    return per_image.sum() / (count > 0).sum().clamp_min(1)
+
+
+def scored_images(pixels: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """How many images of a batch its loss averages over (``ar_loss``: all; ``bert_loss``: those with a masked
+    position): the weight that combines batch losses into a mean over images."""
+    return len(pixels) if mask is None else int(mask.reshape(len(pixels), -1).any(1).sum())
 
 
 # -- modules ------------------------------------------------------------------------------------------------

@@ -154,7 +154,7 @@ def low_data(Xtr, ytr, Xva, yva, Xte, yte, ks, seeds: int, Cs, n_classes: int, *
     Ztr, Zva, Zte = s(Xtr), s(Xva), s(Xte)
     out = []
     for k in ks:
-        idx = [draw_per_class(ytr, k, seed) for seed in range(seeds)]
+        idx = [draw_per_class(ytr, k, seed, n_classes) for seed in range(seeds)]
         fit = fit_batch(np.stack([Ztr[i] for i in idx]), np.stack([ytr[i] for i in idx]), [list(Cs)] * seeds,
                         n_classes, **kw)
         val = fit.accuracy(Zva[None], np.asarray(yva)[None])  # (seeds, C)
@@ -188,11 +188,14 @@ def run_probe(cfg: ProbeConfig) -> dict:
     layers = cfg.layer_list(model.config.n_layer)
     splits = ("train", "val", "test")
     y = {s: shards.labels(s).astype(np.int64) for s in splits}
+    empty = [s for s in splits if len(y[s]) == 0]
+    if empty:
+        raise IgptError(f"{cfg.data}: the probe needs images in train, val and test; empty: {', '.join(empty)}")
     n_classes = int(max(int(v.max()) for v in y.values())) + 1
-    fewest = int(np.unique(y["train"], return_counts=True)[1].min()) if len(y["train"]) else 0
-    if cfg.labels_per_class and max(cfg.labels_per_class) > fewest:  # fail before any feature is computed
-        raise IgptError(f"--labels-per-class {max(cfg.labels_per_class)}: a class has {fewest} training "
-                        f"examples, fewer than {max(cfg.labels_per_class)}")
+    counts = np.bincount(y["train"], minlength=n_classes)  # every class, those absent from train included
+    if cfg.labels_per_class and max(cfg.labels_per_class) > counts.min():  # fail before any feature is computed
+        raise IgptError(f"--labels-per-class {max(cfg.labels_per_class)}: class {int(counts.argmin())} has "
+                        f"{int(counts.min())} training examples, fewer than {max(cfg.labels_per_class)}")
     cache = Path(cfg.out) / "features" if cfg.cache else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)

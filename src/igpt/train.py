@@ -23,7 +23,7 @@ from igpt import distributed as D
 from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes, check_replaceable, remove_stale_temporaries
 from igpt.loader import BatchStream
-from igpt.model import ImageGPT, ImageGPTConfig, ar_inputs, ar_loss, bert_loss
+from igpt.model import ImageGPT, ImageGPTConfig, ar_inputs, ar_loss, bert_loss, scored_images
 from igpt.presets import get_preset
 from igpt.schedule import lr_at
 from igpt.shards import load_shards
@@ -80,7 +80,8 @@ def find_resume(cfg: TrainConfig) -> Path | None:
 
 
 def micro_loss(model, pixels: torch.Tensor, mask: torch.Tensor | None, cfg: ImageGPTConfig) -> torch.Tensor:
-    """Nats per token (AR: every pixel; BERT: masked pixels, per image then mean) of one micro-batch."""
+    """Nats per token of one micro-batch (AR: every pixel; BERT: masked pixels, per image, then over the images
+    with one)."""
     if mask is None:
         return ar_loss(model(ar_inputs(pixels, cfg.sos_id)), pixels)
     return bert_loss(model(pixels, mask), pixels, mask)
@@ -105,7 +106,8 @@ def evaluate(model, tokens, mcfg: ImageGPTConfig, cfg: TrainConfig, micro: int, 
         m = None if masks is None else masks[i:j].to(device)
         with autocast():
             loss = micro_loss(model, px, m, mcfg)
-        total += torch.tensor([loss.item() * (j - i), j - i], dtype=torch.float64, device=device)
+        w = scored_images(px, m)
+        total += torch.tensor([loss.item() * w, w], dtype=torch.float64, device=device)
     model.train(was)
     D.all_reduce_sum(total)
     return (total[0] / total[1].clamp_min(1)).item()
