@@ -134,10 +134,10 @@ def test_train_settings_file_then_flags_then_defaults(tmp_path, monkeypatch):
     from igpt.train_config import TrainConfig
 
     toml = tmp_path / "run.toml"
-    toml.write_text('data = "shards"\nsteps = 7\nlr = 0.002\nbetas = [0.9, 0.99]\naugment = true\n'
+    toml.write_text('data = "shards"\nsteps = 700\nlr = 0.002\nbetas = [0.9, 0.99]\naugment = true\n'
                     "[model_overrides]\nn_layer = 3\n")
-    cfg = _train_config_of(monkeypatch, ["--config", str(toml), "--steps", "9", "--n-embd", "48"])
-    assert (cfg.data, cfg.steps, cfg.lr, cfg.betas, cfg.augment) == ("shards", 9, 0.002, (0.9, 0.99), True)
+    cfg = _train_config_of(monkeypatch, ["--config", str(toml), "--steps", "900", "--n-embd", "48"])
+    assert (cfg.data, cfg.steps, cfg.lr, cfg.betas, cfg.augment) == ("shards", 900, 0.002, (0.9, 0.99), True)
     assert cfg.model_overrides == {"n_layer": 3, "n_embd": 48}  # the flag adds to the file's table
     assert cfg.batch_size == TrainConfig.batch_size and cfg.warmup == TrainConfig.warmup  # neither sets them
     # a flag equal to TrainConfig's default still wins over the file

@@ -171,6 +171,11 @@ def test_unknown_and_missing_keys_are_listed(tmp_path):
     torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
     with pytest.raises(IgptError, match=r"missing \['h\.1\.mlp\.c_fc\.bias'\]"):
         import_hf(tmp_path / "hf", tmp_path / "ck")
+    for key in ("transformer.wte.weight", "lm_head.weight"):  # no head and no token embedding: still listed
+        del state[key]
+    torch.save(state, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(IgptError, match=r"missing \[.*'wte\.weight'"):
+        import_hf(tmp_path / "hf", tmp_path / "ck")
     assert not (tmp_path / "ck").exists()
 
 

@@ -20,7 +20,7 @@ from igpt.model import (
     bert_mask,
     quick_gelu,
 )
-from igpt.ops import norm_linear, rms_norm
+from igpt.ops import norm_linear, rms_norm, silu_linear
 from igpt.presets import PRESETS, get_preset
 
 
@@ -118,6 +118,20 @@ def test_norm_linear_equals_norm_then_linear_and_gradchecks(bias):
         return norm_linear(x, SimpleNamespace(weight=w, eps=1e-5), W, b)
 
     assert torch.autograd.gradcheck(f, (x, w, W, b) if bias else (x, w, W))
+
+
+def test_hand_written_backwards_refuse_a_second_derivative():
+    """Their backward passes treat saved statistics (1/rms) as constants: right for one derivative, wrong for
+    two, so a double backward must raise rather than return wrong numbers."""
+    x = torch.randn(4, 6, dtype=torch.double, requires_grad=True)
+    w = torch.randn(6, dtype=torch.double, requires_grad=True)
+    W = torch.randn(5, 6, dtype=torch.double, requires_grad=True)
+    b = torch.randn(5, dtype=torch.double, requires_grad=True)
+    for out in (rms_norm(x, w, 1e-5), norm_linear(x, SimpleNamespace(weight=w, eps=1e-5), W, b),
+                silu_linear(x, W, b)):
+        (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+            g.sum().backward()
 
 
 def test_init_as_the_paper():

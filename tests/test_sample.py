@@ -161,6 +161,31 @@ def test_sample_to_grid_refuses_a_zero_head_and_mismatched_shards(tmp_path):
     shards = _shards(tmp_path / "sh", np.zeros((2, 256)), n_px=16)
     with pytest.raises(IgptError, match="16px"):
         sample_to_grid(tmp_path / "ck2", 2, tmp_path / "g.png", complete_from=shards)
+    # same size and colour count, other colours: the ids would mean other colours to the model
+    shards = _shards(tmp_path / "sh-grey", np.zeros((2, 64)))
+    with pytest.raises(IgptError, match="another palette"):
+        sample_to_grid(tmp_path / "ck2", 2, tmp_path / "g.png", complete_from=shards)
+    with pytest.raises(IgptError, match="--device 'nope'"):
+        sample_to_grid(tmp_path / "ck2", 2, tmp_path / "g.png", device="nope")
+
+
+def test_generate_checks_its_prefix():
+    m = tiny_model()
+    for prefix, message in [(torch.zeros(8, dtype=torch.long), "prefix must be"),
+                            (torch.full((2, 4), 16), r"palette ids in \[0, 16\)"),  # SOS is not a pixel
+                            (torch.full((2, 4), -1), r"palette ids in \[0, 16\)"),
+                            (torch.zeros(2, 4), "integer palette ids")]:
+        with pytest.raises(IgptError, match=message):
+            generate(m, 2, prefix=prefix)
+
+
+def test_a_tiny_temperature_is_greedy():
+    """logits / T overflows for a tiny T; the row maximum is subtracted first, so the pick is the argmax."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.0]])
+    u = torch.empty(2, 1)
+    for t in (1e-38, 1e-6):
+        picks = pick_tokens(logits.clone(), u, torch.Generator().manual_seed(0), temperature=t)
+        assert picks.tolist() == [1, 0]
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,6 +71,7 @@ def no_data_no_group(monkeypatch):
     (dict(model_overrides={"n_px": 4}), {}, "longer than|larger than|position table"),
     (dict(model_overrides={"n_px": 16}), {}, "n_px 16 contradicts the shards"),
     (dict(model_overrides={"palette_size": 16}), {}, "palette_size 16 contradicts the shards"),
+    (dict(model_overrides={"n_px": "4"}), {}, "override n_px must be an integer, got '4'"),
 ])
 def test_contradictory_configs_fail_before_data_or_process_group(shards, tmp_path, monkeypatch, no_data_no_group,
                                                                 kw, env, message):
@@ -83,7 +85,10 @@ def test_contradictory_configs_fail_before_data_or_process_group(shards, tmp_pat
 @pytest.mark.parametrize("kw, field", [(dict(steps=0), "steps"), (dict(objective="gan"), "objective"),
                                        (dict(dtype="fp8"), "dtype"), (dict(stop_at=9), "stop_at"),
                                        (dict(model_overrides={"mode": "ar"}), "mode"),
-                                       (dict(time_limit=0), "time_limit"), (dict(time_limit=True), "time_limit")])
+                                       (dict(time_limit=0), "time_limit"), (dict(time_limit=True), "time_limit"),
+                                       (dict(lr=float("inf")), "lr"), (dict(weight_decay=float("nan")), "weight_decay"),
+                                       (dict(grad_clip=float("nan")), "grad_clip"),
+                                       (dict(steps=6, warmup=7), "warmup")])
 def test_config_fields_are_validated(shards, tmp_path, kw, field):
     with pytest.raises(IgptError, match=field):
         tiny(shards, tmp_path, **kw)
@@ -106,6 +111,60 @@ def test_nan_loss_stops_before_the_optimizer_step(shards, tmp_path, monkeypatch)
         train(tiny(shards, tmp_path / "run"))
     assert len(steps_done) == 4  # steps 1-4 only: the poisoned step never reached the optimizer
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000003"
+
+
+def test_non_finite_gradient_stops_before_the_optimizer_step(shards, tmp_path, monkeypatch):
+    """A finite loss whose gradient overflows (here: a hook makes step 3's gradients inf) must not reach the
+    weights, so no checkpoint can hold what it would have made of them."""
+    run = tiny(shards, tmp_path / "run", save_every=1)
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip(params, *a, **k):
+        calls["n"] += 1
+        params = list(params)
+        if calls["n"] == 3:
+            params[0].grad.fill_(float("inf"))
+        return real(params, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    with pytest.raises(IgptError, match="non-finite gradient norm .* at step 3"):
+        train(run)
+    last = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert last.name == "step-000002"
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(str(last / "model.safetensors")).values())
+
+
+def test_out_that_holds_a_model_is_refused(shards, tmp_path):
+    from igpt_testutil import tiny_model
+
+    from igpt.checkpoint import save_model
+
+    ck = save_model(tmp_path / "model", tiny_model(n_px=8, palette_size=8))
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    with pytest.raises(IgptError, match="holds a model"):
+        train(tiny(shards, ck))
+    assert {p.name: p.read_bytes() for p in ck.iterdir()} == before
+
+
+def test_an_empty_val_split_reports_no_validation_loss(shards, tmp_path):
+    """`prepare --val-fraction 0` writes a val split with no images: there is nothing to score, which must not
+    show as a validation loss of 0 (nor as a best_val_loss of 0 in the checkpoints)."""
+    import shutil
+
+    sh = Path(shutil.copytree(shards, tmp_path / "sh"))
+    meta = json.loads((sh / "meta.json").read_text())
+    for f in sh.glob("val_*.npy"):
+        a = np.load(f, allow_pickle=False)
+        np.save(f, a[:0])
+    meta["counts"]["val"] = 0
+    (sh / "meta.json").write_text(json.dumps(meta))
+    res = train(tiny(sh, tmp_path / "run", eval_every=2))
+    assert res["val"] == {}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any("val_loss" in r for r in rows)
 
 
 @pytest.mark.parametrize("objective, augment", [("ar", False), ("bert", True)])

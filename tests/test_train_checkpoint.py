@@ -165,3 +165,22 @@ def test_cuda_bf16_compiled_training_learns_and_resumes(shards, tmp_path):
     assert cfg["dtype"] == "bfloat16" and cfg["device"] == "cuda"
     model, _ = load_model(a["checkpoint"])  # loads on the CPU
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_resume_drops_a_metrics_row_cut_short(shards, tmp_path):
+    """A process killed (or a disk filled) while appending to metrics.jsonl leaves half a row as its last line:
+    resuming drops it and goes on; a bad line elsewhere is a one-line error, not a JSON traceback."""
+    from igpt.train_log import read_metrics
+
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=6, stop_at=3))
+    metrics = run / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"step": 4, "loss": 2.')
+    res = train(tiny(shards, run, steps=6, resume="auto"))
+    assert sorted(res["losses"]) == [4, 5, 6]
+    assert [r["step"] for r in read_metrics(metrics) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    with pytest.raises(IgptError, match="line 2 is not a metrics row"):
+        read_metrics(metrics)

@@ -73,5 +73,8 @@ def plan_steps(budget_s: float, step_s: float, fwd_s: float, batch: int, n_eval_
     left = budget_s - features - nll - sampling - fixed
     # the loop costs more than the bare step: validation passes, checkpoints, logging (TRAIN_OVERHEAD)
     steps = int(min(max_steps, max(20, left / (TRAIN_OVERHEAD * step_s))))
+    # the loop may eat half the reserve, no more; a budget too small for the later stages still trains its
+    # minimum of steps (the time limit is then theirs, not a negative number)
+    limit = max(left, TRAIN_OVERHEAD * steps * step_s) + fixed / 2
     return {"budget_s": budget_s, "step_s": step_s, "forward_s": fwd_s, "reserved_s": budget_s - left,
-            "steps": steps, "time_limit_s": left + fixed / 2}  # the loop may eat half the reserve, no more
+            "steps": steps, "time_limit_s": limit}

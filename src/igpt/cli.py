@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, help="keep the k most likely colours (--top-k 1 is greedy)")
     s.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with probability >= p")
     s.add_argument("--tokens-out", help="also save the generated palette ids, (N, n_px^2), as .npy")
-    s.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    s.add_argument("--device", help="torch device (default: CUDA when present, else CPU)")
     s.set_defaults(func=cmd_sample)
 
     t = sub.add_parser(

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from igpt.errors import IgptError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -39,11 +41,19 @@ def get_dist_info() -> DistInfo:
 
 
 def pick_device(requested: str | None, info: DistInfo) -> torch.device:
-    """'cuda' -> this rank's GPU; None -> CUDA when present, else CPU."""
+    """'cuda' -> this rank's GPU; None -> CUDA when present, else CPU. A name torch does not know, or a device
+    this machine lacks, is an IgptError naming it."""
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda":
-        return torch.device("cuda", info.local_rank)
-    return torch.device(name)
+    try:
+        device = torch.device("cuda", info.local_rank) if name == "cuda" else torch.device(name)
+    except (RuntimeError, ValueError):
+        raise IgptError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise IgptError(f"--device {name}: not usable on this machine ({first})") from None
+    return device
 
 
 def init_distributed(device: torch.device) -> bool:

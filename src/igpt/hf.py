@@ -136,7 +136,7 @@ def load_hf(hf_dir: str | Path):
     ours, heads = hf_state_to_ours(_read_hf_weights(hf_dir), str(hf_dir))
     has_head = "lm_head.weight" in ours
     if not has_head:  # base model or classifier: no generative head in the file
-        ours["lm_head.weight"] = torch.zeros(cfg.palette_size, cfg.n_embd, dtype=ours["wte.weight"].dtype)
+        ours["lm_head.weight"] = torch.zeros(cfg.palette_size, cfg.n_embd)  # (missing tensors: build_model says)
     model = build_model(cfg, {k: v.float() for k, v in ours.items()}, str(hf_dir))
     palette = None
     pfile = hf_dir / "preprocessor_config.json"

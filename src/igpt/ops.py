@@ -10,6 +10,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, dropout_p: float = 0.0) -> torch.Tensor:
@@ -54,6 +55,7 @@ class _RMSNormFn(torch.autograd.Function):
         return (x * rstd).mul_(w)
 
     @staticmethod
+    @once_differentiable  # the saved 1/rms etc. are constants here: a second derivative would be wrong, so none
     def backward(ctx, g: torch.Tensor):
         x, w, rstd = ctx.saved_tensors
         xhat = x * rstd
@@ -93,6 +95,7 @@ class _NormLinearFn(torch.autograd.Function):
         return m.mul_(rstd) if b is None else torch.addcmul(b, m, rstd)
 
     @staticmethod
+    @once_differentiable  # no second derivative (see _RMSNormFn)
     def backward(ctx, g):
         x, w, W, rstd = ctx.saved_tensors
         xs = x * rstd  # (N, d) the normalised x before the gain
@@ -122,6 +125,7 @@ class _SiluLinearFn(torch.autograd.Function):
         return torch.addmm(b, F.silu(z), W.t())  # (N, out)
 
     @staticmethod
+    @once_differentiable  # no second derivative (see _RMSNormFn)
     def backward(ctx, g):
         z, W = ctx.saved_tensors
         dW = g.t().mm(F.silu(z))  # (out, k)

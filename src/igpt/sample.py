@@ -24,8 +24,8 @@ from igpt.model import ImageGPT
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
     """logits (B, K) -> scaled logits with every token outside the top-k / nucleus set at -inf (in place)."""
-    if temperature != 1.0:
-        logits.div_(temperature)
+    if temperature != 1.0:  # the row maximum first to 0: a tiny temperature then gives -inf elsewhere, not inf - inf
+        logits.sub_(logits.amax(-1, keepdim=True)).div_(temperature)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits.masked_fill_(logits < kth, float("-inf"))
@@ -77,9 +77,15 @@ def generate(model: ImageGPT, n: int, *, prefix: torch.Tensor | None = None, tem
     T, dev = cfg.seq_len, next(model.parameters()).device
     if cuda_graph and dev.type != "cuda":
         raise IgptError(f"cuda_graph needs a model on a CUDA device, not {dev.type}")
+    if prefix is not None:
+        if prefix.ndim != 2 or prefix.shape[0] != n or prefix.shape[1] >= T:
+            raise IgptError(f"prefix must be ({n}, < {T}) ids, got {tuple(prefix.shape)}")
+        if prefix.is_floating_point() or prefix.is_complex() or prefix.dtype == torch.bool:
+            raise IgptError(f"prefix must hold integer palette ids, got {prefix.dtype}")
+        if prefix.numel() and not (0 <= int(prefix.min()) and int(prefix.max()) < cfg.palette_size):
+            raise IgptError(f"prefix ids must be palette ids in [0, {cfg.palette_size}), got "
+                            f"[{int(prefix.min())}, {int(prefix.max())}]")
     P = 0 if prefix is None else prefix.shape[1]
-    if prefix is not None and (prefix.ndim != 2 or prefix.shape[0] != n or P >= T):
-        raise IgptError(f"prefix must be ({n}, < {T}) ids, got {tuple(prefix.shape)}")
     if batch_size is None:
         per_image = 2 * cfg.n_layer * T * cfg.n_embd * next(model.parameters()).element_size()
         batch_size = max(1, min(n, (1 << 30) // per_image))
@@ -153,14 +159,17 @@ def completion_cells(originals: np.ndarray, rows: int, completions: np.ndarray, 
     return cells
 
 
-def load_split(shards: str | Path, n_px: int, palette_size: int) -> tuple[np.ndarray, str]:
-    """Token images from prepared shards: the test split, else val -> (uint16 (N, n_px^2), split name)."""
+def load_split(shards: str | Path, n_px: int, palette_size: int, palette=None) -> tuple[np.ndarray, str]:
+    """Token images from prepared shards: the test split, else val -> (uint16 (N, n_px^2), split name). With the
+    checkpoint's ``palette``, shards made with another palette are refused (their ids mean other colours)."""
     from igpt.shards import load_shards
 
     sh = load_shards(shards)
     if sh.n_px != n_px or sh.palette.k != palette_size:
         raise IgptError(f"{shards}: shards are {sh.n_px}px with {sh.palette.k} colours, "
                         f"the model wants {n_px}px with {palette_size}")
+    if palette is not None and palette.hash != sh.palette.hash:
+        raise IgptError(f"{shards}: the shards were made with another palette than the checkpoint's")
     for split in ("test", "val"):
         if split in sh.splits and len(sh.tokens(split)):
             return sh.tokens(split), split
@@ -170,20 +179,22 @@ def load_split(shards: str | Path, n_px: int, palette_size: int) -> tuple[np.nda
 def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_from: str | Path | None = None,
                    rows: int | None = None, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, tokens_out: str | Path | None = None, per_image: int = 4,
-                   device: str = "cpu") -> np.ndarray:
+                   device: str | None = None) -> np.ndarray:
     """Sample ``n`` images from checkpoint ``ckpt`` and write a PNG grid; returns the ids (n, n_px^2) uint16.
 
     Unconditional: a grid of n images. With ``complete_from`` (token shards): the first ceil(n / per_image)
     images of the test split (else val) keep their top ``rows`` rows (default n_px // 2) and get per_image
     completions each; grid rows are original | top rows | completions. ``tokens_out`` saves the ids (.npy).
+    ``device`` None: CUDA when present, else CPU.
     """
     from igpt.checkpoint import load_model
+    from igpt.distributed import get_dist_info, pick_device
     from igpt.palette import Palette
 
     if n < 1:
         raise IgptError(f"--n must be >= 1, got {n}")
     check_sampling(temperature, top_k, top_p)
-    model, palette = load_model(ckpt, device=device)
+    model, palette = load_model(ckpt, device=pick_device(device, get_dist_info()))
     cfg = model.config
     if not model.lm_head.weight.any():
         raise IgptError(f"{ckpt}: the output head is all zeros (an untrained model, or one imported from a "
@@ -194,7 +205,7 @@ def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_fr
         if not 1 <= rows < cfg.n_px:
             raise IgptError(f"--rows must be in [1, {cfg.n_px - 1}], got {rows}")
         per_image = max(1, min(per_image, n))
-        toks, _ = load_split(complete_from, cfg.n_px, cfg.palette_size)
+        toks, _ = load_split(complete_from, cfg.n_px, cfg.palette_size, palette)
         m = -(-n // per_image)
         if m > len(toks):
             raise IgptError(f"{complete_from}: {len(toks)} images, fewer than the {m} needed for {n} completions")

@@ -49,7 +49,9 @@ def resolve_model_config(cfg: TrainConfig, meta: dict) -> ImageGPTConfig:
     ov = dict(cfg.model_overrides)
     for key, have in (("n_px", int(meta["n_px"])), ("palette_size", int(meta["palette_size"]))):
         want = ov.setdefault(key, have)
-        if want < have and key == "n_px":
+        if isinstance(want, bool) or not isinstance(want, int):
+            raise IgptError(f"model override {key} must be an integer, got {want!r}")
+        if key == "n_px" and want < have:
             raise IgptError(f"the shards' images need a context of {have * have} tokens ({have}x{have}) but the "
                             f"model's position table has {want * want} (n_px {want})")
         if want != have:
@@ -124,6 +126,8 @@ def train(cfg: TrainConfig) -> dict:
     if resume is not None and cfg.resume != "auto" and not resume.is_dir():
         raise IgptError(f"--resume {resume}: no such checkpoint directory")
     out = Path(cfg.out)
+    if (out / "model.safetensors").exists():  # its config.json is a model's, not a run's: never write over it
+        raise IgptError(f"{out} holds a model (model.safetensors), not a training run; choose another --out")
     if info.is_main and resume is None:
         check_replaceable(out, (CONFIG_FILE,))
         if latest_checkpoint(out / "checkpoints") is not None:
@@ -192,6 +196,10 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         torch.manual_seed(cfg.seed + info.rank)  # dropout noise differs per rank
     stream = BatchStream(shards.tokens("train"), shards.n_px, cfg.batch_size, cfg.seed, info.rank, info.world_size)
     val = shards.tokens("val") if "val" in shards.splits else None
+    if val is not None and (min(cfg.eval_images, len(val)) if cfg.eval_images else len(val)) < info.world_size:
+        if info.is_main and len(val):
+            print(f"validation skipped: fewer val images than the {info.world_size} ranks", flush=True)
+        val = None  # an empty val split (prepare --val-fraction 0) has no loss to report, not a loss of 0
     end = cfg.stop_at or cfg.steps
     log = None
     if info.is_main:
@@ -232,6 +240,10 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                 raise IgptError(f"non-finite loss ({loss_val}) at step {n}; stopped before the optimizer step "
                                 f"(the latest checkpoint is the last good one)")
             gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip or float("inf"))
+            gn = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
+            if not torch.isfinite(gn):  # a finite loss can still overflow a gradient: never step on it
+                raise IgptError(f"non-finite gradient norm ({gn.item()}) at step {n}; stopped before the optimizer "
+                                f"step (the latest checkpoint is the last good one)")
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses[n] = loss_val
@@ -244,7 +256,6 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             if log is not None:
                 log.advance()
             if n % cfg.log_every == 0 or n == end:
-                gn = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
                 now = time.perf_counter()
                 if log is not None:
                     log.log({"step": n, "tokens": n * cfg.batch_size * T, "loss": loss_val, "bits": bits(loss_val),

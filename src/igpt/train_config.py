@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 from igpt.errors import IgptError
@@ -68,13 +69,17 @@ class TrainConfig:
             raise IgptError(f"train config: objective must be one of {MODES}, got {self.objective!r}")
         if self.dtype not in DTYPES:
             raise IgptError(f"train config: dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not self.lr > 0:
-            raise IgptError(f"train config: lr must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise IgptError(f"train config: lr must be a finite number > 0, got {self.lr}")
+        if self.warmup > self.steps:
+            raise IgptError(f"train config: warmup ({self.warmup} steps) is longer than the run ({self.steps} steps): "
+                            "the learning rate would never reach its peak; set --warmup")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise IgptError(f"train config: betas must be two numbers in [0, 1), got {self.betas}")
         for name in ("weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise IgptError(f"train config: {name} must be >= 0, got {getattr(self, name)}")
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise IgptError(f"train config: {name} must be a finite number >= 0, got {v}")
         if not 0 <= self.dropout < 1:
             raise IgptError(f"train config: dropout must be in [0, 1), got {self.dropout}")
         if not 0 < self.bert_mask_prob < 1:

@@ -7,6 +7,7 @@ import math
 import sys
 from pathlib import Path
 
+from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes, figure_png
 
 METRICS = "metrics.jsonl"
@@ -74,9 +75,23 @@ class RunLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. Its last line may be cut short (a process killed, or a disk full, while it
+    appended): that row is dropped. Any other unreadable line is an IgptError naming it."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break
+            raise IgptError(f"{path}: line {i + 1} is not a metrics row ({e})") from None
+        rows.append(row)
+    return rows
 
 
 def loss_png(rows: list[dict], in_bits: bool = False) -> bytes:
