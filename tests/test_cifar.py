@@ -65,3 +65,7 @@ def test_cifar_malformed(tmp_path):
     (tmp_path / "c").write_bytes(b"not a pickle at all")
     with pytest.raises(IgptError, match="not a valid CIFAR"):
         cifar.read_cifar_batch(tmp_path / "c")
+    for labels in (5, [1.7, 2.0], [0, -1], ["a", "b"], [1]):  # not a list, floats, negative, strings, too few
+        (tmp_path / "d").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8), b"labels": labels}))
+        with pytest.raises(IgptError, match="'labels' must"):
+            collect(cifar.cifar_source(tmp_path / "d").splits["train"])

@@ -139,6 +139,13 @@ def test_download_cifar_archive_via_mirror(tmp_path, rng, monkeypatch, server):
     monkeypatch.setenv("IGPT_CACHE_DIR", str(tmp_path / "cache"))
     src = open_source("cifar10")
     assert src.class_names == ["a", "b", "c"] and src.splits["train"].n == 3 and src.splits["test"].n == 1
+    # a run killed while unpacking left part of the folder and no marker: the next one unpacks it again
+    cache = tmp_path / "cache" / "datasets" / "cifar10"
+    (cache / "cifar-10-batches-py" / "test_batch").unlink()
+    (cache / "cifar-10-python.tar.gz.unpacked").unlink()
+    src = open_source("cifar10")
+    assert src.splits["test"].n == 1 and (cache / "cifar-10-python.tar.gz.unpacked").is_file()
+    assert not list(cache.glob(".unpack-*"))
 
 
 def test_registry_checksums_are_well_formed():
@@ -152,6 +159,9 @@ def test_registry_checksums_are_well_formed():
 def test_unknown_path_lists_named_sets(tmp_path):
     with pytest.raises(IgptError, match="not a named data set.*fashion-mnist-mini"):
         open_source(str(tmp_path / "nope"))
+    (tmp_path / "one.PNG").write_bytes(b"\x89PNG")
+    with pytest.raises(IgptError, match="a single image; --data takes a folder"):
+        open_source(str(tmp_path / "one.PNG"))
 
 
 @pytest.mark.shared_data

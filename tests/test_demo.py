@@ -180,3 +180,25 @@ def test_commands_of_a_run_stopped_by_the_time_limit_reproduce_it():
     assert "--stop-at" not in " ".join(full) and "step-000500" in full[3]
     assert cut[2].endswith("--stop-at 321") and "--steps 500" in cut[2]  # the same schedule, stopped where it was
     assert all("step-000321" in c for c in cut[3:]) and "--steps 500" in cut[0]
+
+
+def test_the_train_command_trains_with_the_demos_settings(monkeypatch):
+    """The report's `igpt train` line, parsed by the real CLI, gives the TrainConfig the demo trained with
+    (bookkeeping included: evaluation interval and size make the report's loss curve), but for the demo's
+    time limit and progress bar."""
+    import shlex
+    from types import SimpleNamespace
+
+    import igpt.train
+    from igpt.cli import main
+    from igpt.demo import DemoConfig, _train_config, commands
+
+    cfg = DemoConfig()
+    out = Path("runs/demo")
+    line = commands(cfg, out, SimpleNamespace(n_px=12, palette_size=16, test_fraction=0.0), 9399, 9399)[2]
+    seen = {}
+    monkeypatch.setattr(igpt.train, "train", lambda c: seen.setdefault("cfg", c) and {"losses": {}})
+    assert main(shlex.split(line)[1:]) == 0
+    want = _train_config(cfg, out / "shards", out / "run", 9399, None).to_dict()
+    got = seen["cfg"].to_dict()
+    assert {k: v for k, v in got.items() if k != "progress"} == {k: v for k, v in want.items() if k != "progress"}

@@ -3,6 +3,7 @@ only, BERT mask ensembles are seeded, the saved checkpoint carries the head, and
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -163,9 +164,24 @@ def test_config_and_data_errors(tmp_path, shards):
     ck = checkpoint(tmp_path, shards)
     with pytest.raises(IgptError, match="BERT models only"):
         finetune(FinetuneConfig(ck, str(shards), str(tmp_path / "o"), mask_ensemble=5))
-    unlabelled = tmp_path / "unlabelled"
+    unlabelled = tmp_path / "unlabelled"  # shards of an unlabelled source (prepare writes no label files)
     shutil.copytree(shards, unlabelled)
-    (unlabelled / "val_labels.npy").unlink()
-    with pytest.raises(IgptError, match="unlabelled: val"):
+    for f in unlabelled.glob("*_labels.npy"):
+        f.unlink()
+    meta = json.loads((unlabelled / "meta.json").read_text())
+    (unlabelled / "meta.json").write_text(json.dumps({**meta, "labels": False}))
+    with pytest.raises(IgptError, match="unlabelled: train, val, test"):
+        finetune(FinetuneConfig(ck, str(unlabelled), str(tmp_path / "o")))
+    (unlabelled / "meta.json").write_text(json.dumps(meta))  # labelled shards missing a label file: damaged
+    with pytest.raises(IgptError, match="train_labels.npy: unreadable"):
         finetune(FinetuneConfig(ck, str(unlabelled), str(tmp_path / "o")))
     assert not (tmp_path / "o").exists()
+    empty = tmp_path / "empty-test"
+    shutil.copytree(shards, empty)
+    for kind in ("tokens", "labels", "pixels", "native"):
+        f = empty / f"test_{kind}.npy"
+        if f.is_file():
+            np.save(f, np.load(f, allow_pickle=False)[:0])
+    (empty / "meta.json").write_text(json.dumps({**meta, "counts": {**meta["counts"], "test": 0}}))
+    with pytest.raises(IgptError, match="empty: test"):
+        finetune(FinetuneConfig(ck, str(empty), str(tmp_path / "o")))

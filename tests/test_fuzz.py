@@ -166,7 +166,7 @@ def test_shards_against_the_model_context_and_palette(shards, tmp_path):
     from igpt.train import train
     from igpt.train_config import TrainConfig
 
-    base = dict(data=str(shards), preset="tiny", out=str(tmp_path / "run"), steps=1, batch_size=4, dtype="fp32",
+    base = dict(data=str(shards), preset="tiny", out=str(tmp_path / "run"), steps=1, warmup=1, batch_size=4, dtype="fp32",
                 progress=False)
     with pytest.raises(IgptError, match=r"context of 64 tokens \(8x8\) but the model's position table has 16 \(n_px 4\)"):
         train(TrainConfig(**base, model_overrides={"n_px": 4}))

@@ -140,6 +140,9 @@ def test_base_model_and_classifier(tmp_path):
     assert (want - got).abs().max() <= 1e-5
     import_hf(tmp_path / "clf", tmp_path / "ck2")
     assert torch.equal(load_heads(tmp_path / "ck2")["score"], heads["score"])
+    _save_hf(clf, tmp_path / "clf-bad", extra_state={"score.weight": torch.zeros(5, 7)})  # not n_embd wide
+    with pytest.raises(IgptError, match=r"score.weight has shape \(5, 7\), expected \(num_labels, 24\)"):
+        load_hf(tmp_path / "clf-bad")
 
 
 def test_classifier_head_exports(tmp_path):

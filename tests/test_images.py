@@ -37,6 +37,12 @@ def test_decode_alpha_composited_on_white(tmp_path):
     la = Image.fromarray(np.array([[[0, 255], [0, 0], [100, 128]]], np.uint8).reshape(1, 3, 2), "LA")
     out = images.decode_image(save(la, tmp_path / "la.png"))
     assert out.shape == (1, 3, 1) and out[..., 0].tolist() == [[0, 255, 177]]
+    # a PNG's transparent colour (tRNS) on RGB and on grey: that colour is transparent, as alpha 0 is
+    rgb = Image.fromarray(np.array([[[10, 20, 30], [1, 2, 3]]], np.uint8))
+    rgb.save(tmp_path / "trns.png", transparency=(10, 20, 30))
+    assert images.decode_image(tmp_path / "trns.png").tolist() == [[[255, 255, 255], [1, 2, 3]]]
+    Image.fromarray(np.array([[10, 7]], np.uint8)).save(tmp_path / "trns-l.png", transparency=10)
+    assert images.decode_image(tmp_path / "trns-l.png")[..., 0].tolist() == [[255, 7]]
 
 
 def test_decode_palette_images(tmp_path):

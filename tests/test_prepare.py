@@ -168,6 +168,25 @@ def test_skip_bad_counts_files(tmp_path, rng):
     assert meta["skipped"] == [str(data / "b" / "2.png")] and sum(meta["counts"].values()) == 11
 
 
+def test_a_decompression_bomb_header_is_a_bad_file(tmp_path, rng):
+    """A PNG whose header claims 30000 x 30000 pixels: Pillow refuses it on open; the channel probe that reads
+    every header first must treat it as a bad file too (named, or skipped with --skip-bad), not crash."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    data = make_folder(tmp_path / "imgs", rng, per=3)
+    bomb = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    (data / "a" / "0-bomb.png").write_bytes(bomb)
+    with pytest.raises(IgptError, match="0-bomb.png"):
+        prepare(PrepareConfig(out=str(tmp_path / "o"), data=str(data), n_px=6, palette_size=5))
+    meta = prepare(PrepareConfig(out=str(tmp_path / "o"), data=str(data), n_px=6, palette_size=5, skip_bad=True))
+    assert meta["skipped"] == [str(data / "a" / "0-bomb.png")]
+
+
 def test_palette_channel_mismatch_refused_before_decoding(tmp_path, rng):
     Palette(rng.uniform(-1, 1, (16, 3))).save(tmp_path / "rgb.npy")
     with pytest.raises(IgptError, match="palette is RGB.*grey"):
@@ -198,6 +217,27 @@ def test_load_shards_checks(tmp_path, rng):
     (tmp_path / "o" / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(IgptError, match="palette.npy does not match"):
         load_shards(tmp_path / "o")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())  # restore, then damage the labels
+    meta["palette_sha256"] = Palette.load(tmp_path / "o" / "palette.npy").hash
+    (tmp_path / "o" / "meta.json").write_text(json.dumps(meta))
+    labels = tmp_path / "o" / "train_labels.npy"
+    good = labels.read_bytes()
+    load_shards(tmp_path / "o")
+    for bad, message in [(good[:-3], "train_labels.npy: unreadable"),
+                         (None, r"train_labels.npy: int64 \(2,\), expected integer labels")]:
+        if bad is None:
+            np.save(labels, np.zeros(2, dtype=np.int64))  # too few for the split
+        else:
+            labels.write_bytes(bad)  # truncated
+        with pytest.raises(IgptError, match=message):
+            load_shards(tmp_path / "o")
+
+
+def test_no_training_images_left_is_a_clear_error(tmp_path, rng):
+    data = make_folder(tmp_path / "imgs", rng, classes=("a",), per=2)
+    with pytest.raises(IgptError, match="no training images left after holding out val"):
+        prepare(PrepareConfig(out=str(tmp_path / "o"), data=str(data), n_px=6, palette_size=2, val_fraction=0.9))
+    assert not (tmp_path / "o").exists()
 
 
 def test_sample_pixels_from_chosen_rows(tmp_path):

@@ -184,3 +184,37 @@ def test_resume_drops_a_metrics_row_cut_short(shards, tmp_path):
     metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
     with pytest.raises(IgptError, match="line 2 is not a metrics row"):
         read_metrics(metrics)
+
+
+def test_a_train_state_without_its_settings_is_an_unreadable_checkpoint(shards, tmp_path):
+    """train_state.json holds the run's settings (resume compares them); a file without them is a damaged
+    checkpoint (IgptError, so --resume auto falls back to the one before), not a KeyError."""
+    train(tiny(shards, tmp_path / "run", steps=4))
+    ck = tmp_path / "run" / "checkpoints" / "step-000004"
+    state = json.loads((ck / "train_state.json").read_text())
+    del state["train_config"]
+    (ck / "train_state.json").write_text(json.dumps(state))
+    with pytest.raises(IgptError, match="unreadable training checkpoint"):
+        TS.load_train_checkpoint(ck, load_model(ck)[0].config)
+
+
+def test_an_explicit_resume_never_writes_over_another_branch_or_a_foreign_folder(shards, tmp_path):
+    """--resume DIR of an older step into a run that has later checkpoints would overwrite them and then prune
+    the new ones by step number (leaving `latest` pointing at nothing); into a folder igpt did not write, it
+    would mix with what is there. Both are one-line errors that change nothing."""
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=6, save_every=2, keep=3))
+    root = run / "checkpoints"
+    before = [p.name for p in list_checkpoints(root)]
+    with pytest.raises(IgptError, match=r"step 2\).*later checkpoints \(step-000004, step-000006\)"):
+        train(tiny(shards, run, steps=6, save_every=1, keep=1, resume=str(root / "step-000002")))
+    assert [p.name for p in list_checkpoints(root)] == before
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(IgptError, match="igpt did not write"):
+        train(tiny(shards, foreign, steps=6, resume=str(root / "step-000002")))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    # into a new folder it branches off as before
+    res = train(tiny(shards, tmp_path / "branch", steps=6, resume=str(root / "step-000002")))
+    assert sorted(res["losses"]) == [3, 4, 5, 6]

@@ -66,13 +66,15 @@ def cifar_images(d: dict, path: Path, label_key: str) -> tuple[np.ndarray, np.nd
     data, labels = d.get("data"), d.get(label_key)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise IgptError(f"{path}: 'data' must be a uint8 array (N, 3072)")
-    if labels is None or len(labels) != len(data):
-        raise IgptError(f"{path}: '{label_key}' must hold one label per image ({len(data)})")
+    if not isinstance(labels, list | np.ndarray) or len(labels) != len(data):
+        raise IgptError(f"{path}: '{label_key}' must be a list of one label per image ({len(data)})")
     try:
-        labels = np.asarray(labels, dtype=np.int64)
+        arr = np.asarray(labels)
     except (TypeError, ValueError):
-        raise IgptError(f"{path}: '{label_key}' must hold integer labels") from None
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+        arr = np.asarray([], dtype=object)
+    if arr.shape != (len(data),) or (arr.dtype.kind not in "iu" and len(arr)) or (len(arr) and arr.min() < 0):
+        raise IgptError(f"{path}: '{label_key}' must hold integer labels >= 0")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), arr.astype(np.int64)
 
 
 def _batches_split(files: list[Path], label_key: str) -> Split:

@@ -146,7 +146,7 @@ def _file_channels(path: Path) -> int:
     try:
         with Image.open(path) as im:
             return 1 if im.mode in GREY_MODES else 3
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return 1  # a bad file does not decide the channel count; decoding it reports the problem
 
 

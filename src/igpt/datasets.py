@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +27,8 @@ from tqdm import tqdm
 from igpt.cifar import cifar_source
 from igpt.data import Source, array_source, folder_source, idx_split
 from igpt.errors import IgptError
+from igpt.images import IMAGE_EXTS
+from igpt.io import atomic_write_bytes
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -129,6 +133,8 @@ def _fetch(name: str, spec: Named, target: Path) -> None:
     bases = (mirror.rstrip("/") + "/" + name + "/",) if mirror else spec.urls
     for fname, checksum in spec.checksums.items():
         if (target / fname).is_file():
+            if fname.endswith(".tar.gz"):
+                _unpack(target / fname)  # an archive downloaded before a run died while unpacking it
             continue
         errors = []
         for base in bases:
@@ -146,8 +152,32 @@ def _fetch(name: str, spec: Named, target: Path) -> None:
             raise IgptError(f"could not download {name} ({'; '.join(errors)}); put the files in "
                             f"--data-dir DIR/{name}/ or set IGPT_DATA_DIR")
         if fname.endswith(".tar.gz"):
-            with tarfile.open(target / fname) as tar:
-                tar.extractall(target, filter="data")  # refuses absolute paths, links out, devices
+            _unpack(target / fname)
+
+
+def _unpacked_marker(archive: Path) -> Path:
+    return archive.with_name(archive.name + ".unpacked")
+
+
+def _unpack(archive: Path) -> None:
+    """Unpack a downloaded archive beside it, all or nothing: into a temporary folder, whose top-level entries
+    then replace any (partial) earlier ones; the marker file, written last, says it is complete."""
+    if _unpacked_marker(archive).is_file():
+        return
+    tmp = Path(tempfile.mkdtemp(dir=archive.parent, prefix=".unpack-"))
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out, devices
+        for entry in tmp.iterdir():
+            dest = archive.parent / entry.name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest)
+            os.replace(entry, dest)
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise IgptError(f"{archive}: not a readable archive ({e}); delete it to download it again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_bytes(_unpacked_marker(archive), b"")
 
 
 # -- resolution ---------------------------------------------------------------------------------------------
@@ -172,7 +202,8 @@ def resolve(name: str, data_dir: str | Path | None = None) -> Path:
     if _has_files(DEBIAN_ROOT / name, spec):
         return DEBIAN_ROOT / name
     d = cache_dir() / "datasets" / name
-    if not _has_files(d, spec):
+    unpacked = all(_unpacked_marker(d / f).is_file() for f in spec.checksums if f.endswith(".tar.gz"))
+    if not (_has_files(d, spec) and unpacked):  # the cache is ours: only complete when every archive is
         _fetch(name, spec, d)
     return d
 
@@ -227,6 +258,8 @@ def _open_path(p: Path, channels: int | None, skip_bad: bool) -> Source:
         return folder_source(p, channels, skip_bad)
     if p.suffix in (".npz", ".npy"):
         return array_source(p, channels)
+    if p.suffix.lower() in IMAGE_EXTS:
+        raise IgptError(f"--data {p}: a single image; --data takes a folder of images (class subfolders optional)")
     if "idx" in p.name or "ubyte" in p.name:
         labels = sorted(p.parent.glob(p.name.replace("images", "labels").replace("idx3", "idx1")))
         lab = labels[0] if labels and labels[0] != p else None

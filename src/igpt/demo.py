@@ -95,6 +95,7 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
     reproduces that)."""
     q = shlex.quote
     ckpt = str(out / "run" / "checkpoints" / f"step-{done:06d}")  # what `igpt train` writes
+    tc = _train_config(cfg, out / "shards", out / "run", steps, None)  # the settings the demo trained with
     demo = ["igpt", "demo", "--data", cfg.data, "--out", str(out), "--minutes", f"{cfg.minutes:g}", "--steps",
             str(steps), "--n-px", str(cfg.n_px), "--palette-size", str(prep.palette_size), "--preset", cfg.preset,
             "--batch-size", str(cfg.batch_size), "--lr", f"{cfg.lr:g}", "--seed", str(cfg.seed)]
@@ -106,7 +107,9 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
          "--test-fraction", f"{prep.test_fraction:g}", "--seed", str(cfg.seed), "--out", str(out / "shards")]
         + (["--data-dir", cfg.data_dir] if cfg.data_dir else []),
         ["igpt", "train", "--data", str(out / "shards"), "--preset", cfg.preset, "--steps", str(steps),
-         "--batch-size", str(cfg.batch_size), "--lr", f"{cfg.lr:g}", "--warmup", str(max(1, steps // 10)),
+         "--batch-size", str(tc.batch_size), "--lr", f"{tc.lr:g}", "--warmup", str(tc.warmup),
+         "--eval-every", str(tc.eval_every), "--eval-images", str(tc.eval_images), "--save-every",
+         str(tc.save_every), "--log-every", str(tc.log_every), "--keep", str(tc.keep),
          "--seed", str(cfg.seed), "--out", str(out / "run")] + (["--augment"] if cfg.augment else [])
         + (["--stop-at", str(done)] if done < steps else []),
         ["igpt", "eval", "--checkpoint", ckpt, "--data", str(out / "shards")],

@@ -96,7 +96,8 @@ def cached_features(model, tokens, layers, batch_size: int, device, cache_dir: P
     todo = [l for l in layers if l not in have]  # noqa: E741
     if todo:
         new = extract_features(model, tokens, todo, batch_size, device)
-        if not same:
+        if not same:  # the old key goes first: a run killed below must not leave new files under it
+            key_file.unlink(missing_ok=True)
             for old in cache_dir.glob(f"{split}_layer*.npy"):
                 old.unlink()
         for l, f in new.items():  # noqa: E741

@@ -181,8 +181,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
                         f"this checkpoint is {mcfg.mode}")
     tokens = {s: shards.tokens(s) for s in splits}
     y = {s: shards.labels(s).astype(np.int64) for s in splits}
-    if len(tokens["train"]) == 0 or len(tokens["val"]) == 0:
-        raise IgptError(f"{cfg.data}: the train and val splits must not be empty")
+    empty = [s for s in splits if len(tokens[s]) == 0]
+    if empty:
+        raise IgptError(f"{cfg.data}: fine-tuning needs images in train, val and test; empty: {', '.join(empty)}")
     names = shards.meta.get("class_names")
     n_classes = max(len(names) if names else 0, max(int(v.max()) + 1 for v in y.values() if len(v)))
     bert = mcfg.mode == "bert"

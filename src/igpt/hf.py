@@ -138,6 +138,9 @@ def load_hf(hf_dir: str | Path):
     if not has_head:  # base model or classifier: no generative head in the file
         ours["lm_head.weight"] = torch.zeros(cfg.palette_size, cfg.n_embd)  # (missing tensors: build_model says)
     model = build_model(cfg, {k: v.float() for k, v in ours.items()}, str(hf_dir))
+    score = heads.get("score")
+    if score is not None and (score.ndim != 2 or score.shape[1] != cfg.n_embd):
+        raise IgptError(f"{hf_dir}: score.weight has shape {tuple(score.shape)}, expected (num_labels, {cfg.n_embd})")
     palette = None
     pfile = hf_dir / "preprocessor_config.json"
     if pfile.is_file():

@@ -2,9 +2,12 @@
 
 Decoding policy for image files (``decode_image``):
 - grey (L, 1-bit) stays grey; RGB stays RGB; CMYK, YCbCr, LAB and HSV are converted to RGB;
-- an alpha channel (RGBA, LA, PA, P with transparency) is composited on white;
+- an alpha channel (RGBA, LA, PA, P with transparency, and a PNG's transparent grey or colour, tRNS, on L and
+  RGB) is composited on white;
 - palette images (P) are expanded to RGB;
-- 16-bit images (I;16*, I) are scaled to 8 bits (v * 255 / 65535, rounded), never clipped;
+- 16-bit grey images (I;16*, I) are scaled to 8 bits (v * 255 / 65535, rounded), never clipped; 16-bit-per-channel
+  colour PNGs come from Pillow as 8-bit RGB(A) holding each value's high byte (v // 256: at most one level
+  below the rounded value);
 - the EXIF orientation is applied;
 - truncated, empty or non-image files raise ``IgptError`` naming the file (or are skipped with skip_bad).
 Resizing (``to_square``): a non-square image is centre-cropped to a square, then resized to n_px x n_px with
@@ -42,10 +45,12 @@ def _to_array(im: Image.Image, path: Path) -> np.ndarray:
         return ((a * 255 + 32767) // 65535).astype(np.uint8)[..., None]
     if mode == "F":
         raise IgptError(f"{path}: floating-point images (mode F) are not supported; save it as 8 or 16 bit")
+    if mode in ("LA", "La") or (mode == "L" and "transparency" in im.info):  # alpha, or a PNG tRNS grey
+        return composite_on_white(np.asarray(im.convert("LA")))
     if mode in ("1", "L"):
         return np.asarray(im.convert("L"))[..., None]
-    if mode in ("LA", "La"):
-        return composite_on_white(np.asarray(im.convert("LA")))
+    if mode == "RGB" and "transparency" in im.info:  # a PNG tRNS colour: that colour is transparent
+        return composite_on_white(np.asarray(im.convert("RGBA")))
     if mode == "RGB":
         return np.asarray(im)
     if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):

@@ -89,6 +89,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+        for d in sorted((d for d in tmp.rglob("*") if d.is_dir()), reverse=True) + [tmp]:
+            fsync_dir(d)  # the directories' entries too, before the rename makes them the new ``path``
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -225,6 +225,10 @@ def prepare(cfg: PrepareConfig) -> dict:
         if "test" in decoded:
             routes["test"] = ("test", np.ones(decoded["test"][0].rows, dtype=bool))
         routes = {k: routes[k] for k in SPLITS if k in routes}
+        if not routes["train"][1].any():
+            raise IgptError(f"{src.name}: no training images left after holding out val (--val-fraction "
+                            f"{cfg.val_fraction}) and test (--test-fraction {cfg.test_fraction}) from "
+                            f"{n_train} image(s)")
         fit_info = None
         if pal_file is None:
             k = cfg.palette_size or (512 if src.channels == 3 else 16)

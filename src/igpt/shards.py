@@ -86,6 +86,14 @@ def load_shards(path: str | Path) -> Shards:
         if t.dtype != np.uint16 or t.shape != (n, n_px * n_px):
             raise IgptError(f"{root / f'{split}_tokens.npy'}: {t.dtype} {t.shape}, meta.json says uint16 "
                             f"({n}, {n_px * n_px})")
+        if meta.get("labels"):  # labelled shards: one integer label per image, readable in full
+            path = root / f"{split}_labels.npy"
+            try:
+                y = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise IgptError(f"{path}: unreadable ({e})") from None
+            if y.dtype.kind not in "iu" or y.shape != (n,) or (n and y.min() < 0):
+                raise IgptError(f"{path}: {y.dtype} {y.shape}, expected integer labels >= 0, ({n},)")
     return shards
 
 

@@ -30,7 +30,9 @@ from igpt.shards import load_shards
 from igpt.train_config import TrainConfig, changed_fields
 from igpt.train_log import METRICS, PLOT, RunLog, bits
 from igpt.train_state import (
+    checkpoint_step,
     latest_checkpoint,
+    list_checkpoints,
     load_newest,
     load_train_checkpoint,
     remove_leftovers,
@@ -128,6 +130,13 @@ def train(cfg: TrainConfig) -> dict:
     out = Path(cfg.out)
     if (out / "model.safetensors").exists():  # its config.json is a model's, not a run's: never write over it
         raise IgptError(f"{out} holds a model (model.safetensors), not a training run; choose another --out")
+    if resume is not None and cfg.resume != "auto":
+        check_replaceable(out, (CONFIG_FILE,))  # an explicit --resume DIR writes into --out: it must be ours
+        at = checkpoint_step(resume)
+        newer = [p.name for p in list_checkpoints(out / "checkpoints") if at is not None and checkpoint_step(p) > at]
+        if newer:  # the branch would overwrite, then prune, them (and --resume auto would pick them)
+            raise IgptError(f"--resume {resume} (step {at}): {out / 'checkpoints'} holds later checkpoints "
+                            f"({', '.join(newer)}) of another branch; move them away or choose another --out")
     if info.is_main and resume is None:
         check_replaceable(out, (CONFIG_FILE,))
         if latest_checkpoint(out / "checkpoints") is not None:

@@ -114,6 +114,12 @@ def is_complete(path: Path) -> bool:
     return all((path / f).is_file() for f in (MODEL_FILE, OPTIM_FILE, RNG_FILE, STATE_FILE))
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a checkpoint directory from its name (step-NNNNNN); None for another name."""
+    m = _STEP_DIR.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoint directories under ``ckpt_root``, oldest first."""
     if not ckpt_root.is_dir():
@@ -174,7 +180,8 @@ def load_train_checkpoint(path: Path, model_cfg) -> dict:
     optim, rng = read_pt(path / OPTIM_FILE), read_pt(path / RNG_FILE)
     meta = read_json(path / STATE_FILE)
     if not (isinstance(optim, dict) and isinstance(rng, dict) and isinstance(rng.get("ranks"), list)
-            and isinstance(meta, dict) and isinstance(meta.get("step"), int)):
+            and isinstance(meta, dict) and isinstance(meta.get("step"), int)
+            and isinstance(meta.get("train_config"), dict)):
         raise IgptError(f"{path}: unreadable training checkpoint (optimizer.pt, rng.pt or train_state.json is "
                         "not what igpt writes)")
     try:  # Adam's moments must fit the parameters (a damaged file would otherwise fail at the first step)
