@@ -27,7 +27,7 @@ CASES = {  # name: (batch, T, dtype)
     "t144_bf16": (16, 144, "bf16"),  # the demo: 12x12, batch 16
     "t256_bf16": (32, 256, "bf16"),  # t16's shapes
     "t256_fp32": (32, 256, "fp32"),
-    "t1024_bf16": (8, 1024, "bf16"),  # s32's shapes
+    "t1024_bf16": (8, 1024, "bf16"),  # s32's length, batch and head_dim (4 heads here, s32 has 8)
 }
 HEADS, HEAD_DIM = 4, 32
 

@@ -98,8 +98,10 @@ def hf_reference(cfg):
     return ImageGPTForCausalImageModeling(hcfg)
 
 
-def train_case(cfg, impl: str, batch: int, dtype: torch.dtype, compiled: bool, steps: int, device, peak_tflops):
-    """One training configuration in a fresh model: tokens/s, MFU against the measured bf16 peak, memory."""
+def train_case(cfg, impl: str, batch: int, dtype: torch.dtype, compiled: bool, steps: int, device, peaks):
+    """One training configuration in a fresh model: tokens/s, MFU against the measured matmul peak of the same
+    dtype (bf16, or TF32 for the fp32 rows; ``peaks`` {'bf16': TFLOP/s, 'tf32': TFLOP/s} or None), memory."""
+    peak_tflops = peaks and peaks["bf16" if dtype == torch.bfloat16 else "tf32"]
     reset_memory(device)
     torch.manual_seed(0)
     x = torch.randint(0, cfg.palette_size, (batch, cfg.seq_len), device=device)
@@ -224,7 +226,7 @@ def main() -> None:
 
     if "matmul" in parts:
         res["matmul_peak"] = matmul_peak(device, 1024 if args.quick else 8192, 3 if args.quick else 20)
-        peak = res["matmul_peak"]["bf16_tflops"]
+        peak = {k: res["matmul_peak"][f"{k}_tflops"] for k in ("bf16", "tf32")}
         save()
     bf16, fp32 = torch.bfloat16, torch.float32
     rows = []

@@ -34,6 +34,23 @@ def test_run_quick_matmul_peak_prints_json_with_the_case(tmp_path):
     assert "Matmul peak" in md.stdout
 
 
+@pytest.mark.slow
+def test_run_quick_quantize_times_a_fresh_table_against_the_reference(tmp_path):
+    """The quantize case's ratio is ours from an empty lookup table (never a second pass over the images that
+    filled it), with the warm-on-unseen-images figure beside it; ids agree with the reference's."""
+    r = _run("--quick", "--only", "quantize")
+    assert r.returncode == 0, r.stderr
+    case = json.loads(r.stdout)["quantize"]
+    assert case["ratio"] > 0 and case["ratio_warm_unseen"] > 0 and case["ids_agree_with_reference"] > 0.999
+    assert case["ours"]["images_s"] > 0 and case["ours"]["warm_unseen_images_s"] > 0
+    assert "fresh" in case["ours"]["what"]
+    saved = tmp_path / "bench.json"
+    saved.write_text(r.stdout)
+    md = _run("--markdown", str(saved))
+    assert md.returncode == 0, md.stderr
+    assert "fresh table" in md.stdout and "quantize: speed >= 50x" in md.stdout
+
+
 def test_run_rejects_an_unknown_case():
     r = _run("--only", "nope")
     assert r.returncode != 0 and "unknown case" in r.stderr

@@ -107,6 +107,14 @@ def test_a_hugging_face_directory_gets_a_hint(tmp_path):
         load_model(tmp_path)
 
 
+def test_a_training_run_directory_points_to_its_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    save_model(run / "checkpoints" / "step-000020", tiny_model())
+    (run / "config.json").write_text(json.dumps({"train": {"steps": 20}, "model": {"n_px": 8}}))
+    with pytest.raises(IgptError, match=r"is a training run, not a checkpoint.*the newest: step-000020"):
+        load_model(run)
+
+
 def test_files_get_the_umask_permissions(tmp_path):
     """safetensors creates its files 0600; a checkpoint's files follow the umask like every other output."""
     import os

@@ -323,6 +323,11 @@ def test_eval_and_probe_commands(tmp_path, capsys, monkeypatch):
          "--labels-per-class must be"),
         (["probe", "--checkpoint", str(ck), "--data", str(sh), "--out", "o", "--labels-per-class", "50"],
          "fewer than 50"),
+        (["eval", "--checkpoint", str(ck), "--data", str(sh), "--out", str(sh)], "is a folder; give the name of a"),
+        (["sample", "--checkpoint", str(ck), "--n", "1", "--out", str(tmp_path / "s.png"), "--tokens-out",
+          str(sh)], "is a folder"),
+        (["eval", "--checkpoint", str(ck), "--data", str(sh), "--out", "/proc/igpt-test.json"],
+         "/proc/igpt-test.json: "),  # a folder that takes no files: the OS's words, on one line
     ]:
         assert main(args) == 2  # in-process: the same handler as the console script, without a torch import each
         lines = capsys.readouterr().err.strip().splitlines()

@@ -117,6 +117,12 @@ def test_demo_replaces_an_old_demo_and_rejects_unlabelled_data(tmp_path, capsys)
                  "--preset", "tiny", "--n-px", "8"]) == 2
     assert "class labels" in capsys.readouterr().err
     assert not (old / "stale.txt").exists() and (old / "demo.json").is_file()
+    # labelled, but too few images to hold out val and test: refused before any training, not after
+    np.savez(tmp_path / "three.npz", x=x[:3], y=np.arange(3))
+    assert main(["demo", "--data", str(tmp_path / "three.npz"), "--out", str(old), "--minutes", "0.2",
+                 "--preset", "tiny", "--n-px", "8"]) == 2
+    assert "too few images for the demo's splits" in capsys.readouterr().err
+    assert not (old / "run").exists()
 
 
 def _browser():

@@ -11,7 +11,7 @@ from PIL import Image
 from igpt.errors import IgptError
 from igpt.images import convert_channels, decode_image, to_square
 from igpt.kmeans import fit_palette
-from igpt.palette import Palette, nearest, to_unit
+from igpt.palette import Palette, cell_candidates, nearest, nearest_rgb, pack_rgb, to_unit
 
 
 def test_quantize_dequantize_round_trip(rng):
@@ -29,6 +29,28 @@ def test_quantize_dequantize_round_trip(rng):
     brute = ((to_unit(img.reshape(-1, 3))[:, None] - pal.centers[None].astype(np.float64)) ** 2).sum(-1)
     d_best = brute.min(1)
     assert np.allclose(brute[np.arange(len(brute)), q.ravel()], d_best, atol=1e-12)
+
+
+@pytest.mark.parametrize("k, seed", [(2, 0), (16, 1), (512, 2)])
+def test_cell_search_equals_the_full_search(k, seed):
+    """nearest_rgb (each colour against its cell's candidate centres only) gives the ids of the search over all
+    centres: random colours, every colour along the cube's edges and cell borders, and a palette with repeated
+    centres (exact ties go to the lowest id)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.uniform(-1, 1, (k, 3))
+    if k >= 16:
+        centres[:4] = [[-1, -1, -1], [1, 1, 1], [-1, 1, -1], [0.0, 0.0, 0.0]]
+        centres[k // 2] = centres[3]  # an exact duplicate: the lower id must win everywhere
+    v = np.r_[0, 15, 16, 17, 127, 128, 255]  # cell borders and the cube's faces
+    grid = np.stack(np.meshgrid(v, v, v, indexing="ij"), -1).reshape(-1, 3)
+    rgb = np.concatenate([rng.integers(0, 256, (50_000, 3)), grid]).astype(np.uint8)
+    codes = pack_rgb(rgb)
+    want = nearest(to_unit(rgb), centres)
+    assert np.array_equal(nearest_rgb(codes, centres, cell_candidates(centres)), want)
+    if k >= 16:
+        assert (want != k // 2).all()
+    pal = Palette(centres.astype(np.float32))
+    assert np.array_equal(pal.quantize(rgb[None]), nearest(to_unit(rgb), pal.centers)[None])
 
 
 def test_quantize_errors(rng):

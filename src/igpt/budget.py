@@ -15,7 +15,10 @@ import torch
 # 12x12 demo runs (validation passes, logging, the final checkpoint; the measurement itself tends to run slow);
 # the loop's time limit stops a slower run, by then in the cosine schedule's near-zero tail
 TRAIN_OVERHEAD = 1.0
-RESERVE = 0.07  # share of the budget kept back for the probe's fits, the report and a noisy machine
+RESERVE = 0.02  # share of the budget kept back for the report and a noisy machine
+# seconds of the probe's logistic-regression fits per image and feature set (a layer, a concatenation, a pixel
+# baseline), on 2 cores: the bundled 10,000 images x 8 sets took ~31 s in the 9-minute demo
+PROBE_FIT_S = 4e-4
 
 
 def step_seconds(mcfg, batch_size: int, lr: float, device: torch.device, repeats: int = 7,
@@ -60,21 +63,23 @@ def step_seconds(mcfg, batch_size: int, lr: float, device: torch.device, repeats
 
 
 def plan_steps(budget_s: float, step_s: float, fwd_s: float, batch: int, n_eval_images: int, n_feature_images: int,
-               n_sample_tokens: int, max_steps: int) -> dict:
+               n_sample_tokens: int, max_steps: int, n_fit_sets: int = 0) -> dict:
     """Steps that fit the budget. The rest of the run is estimated from the measured forward time: feature
     extraction and NLL are forward passes over the splits, sampling one forward step per token of the
-    longest sequence (a KV cache makes that about a forward pass of one position per token), plus a fixed
-    share for the probe's logistic-regression fits and the report."""
+    longest sequence (a KV cache makes that about a forward pass of one position per token); the probe's
+    fits from their size (PROBE_FIT_S per image and feature set), plus a fixed share for the report and noise.
+    ``later_s`` is that estimate: more than the budget means even the minimum of steps overruns it."""
     per_image_fwd = fwd_s / batch
     features = n_feature_images * per_image_fwd
     nll = n_eval_images * per_image_fwd
     sampling = n_sample_tokens * fwd_s / batch / 4  # decoding one row: ~a quarter of a full row's cost per token
+    fits = n_feature_images * n_fit_sets * PROBE_FIT_S
     fixed = RESERVE * budget_s
-    left = budget_s - features - nll - sampling - fixed
+    left = budget_s - features - nll - sampling - fits - fixed
     # the loop costs more than the bare step: validation passes, checkpoints, logging (TRAIN_OVERHEAD)
     steps = int(min(max_steps, max(20, left / (TRAIN_OVERHEAD * step_s))))
     # the loop may eat half the reserve, no more; a budget too small for the later stages still trains its
     # minimum of steps (the time limit is then theirs, not a negative number)
     limit = max(left, TRAIN_OVERHEAD * steps * step_s) + fixed / 2
     return {"budget_s": budget_s, "step_s": step_s, "forward_s": fwd_s, "reserved_s": budget_s - left,
-            "steps": steps, "time_limit_s": limit}
+            "later_s": budget_s - left - fixed, "steps": steps, "time_limit_s": limit}

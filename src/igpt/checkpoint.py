@@ -73,6 +73,10 @@ def read_config(path: str | Path) -> ImageGPTConfig:
     if not f.is_file():
         raise IgptError(f"{f}: missing (is {path} a checkpoint directory?)")
     d = read_json(f)
+    if isinstance(d, dict) and "train" in d and "model" in d and (path / "checkpoints").is_dir():
+        steps = sorted(p.name for p in (path / "checkpoints").glob("step-*") if p.is_dir())
+        raise IgptError(f"{path} is a training run, not a checkpoint; its checkpoints are "
+                        f"{path / 'checkpoints'}/step-NNNNNN" + (f" (the newest: {steps[-1]})" if steps else ""))
     try:
         return ImageGPTConfig.from_dict(d)
     except (IgptError, TypeError) as e:

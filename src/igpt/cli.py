@@ -436,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     except IgptError as e:
         print(f"igpt: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be read or written (a folder given as a file, no permission, a full
+        # disk): the file system's own words, on one line; the writes are atomic, so nothing half-written stays
+        where = e.filename2 or e.filename or ""  # a rename's target, else the file
+        print(f"igpt: error: {where}{': ' if where else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("igpt: interrupted", file=sys.stderr)
         return 130

@@ -264,5 +264,9 @@ def _open_path(p: Path, channels: int | None, skip_bad: bool) -> Source:
         labels = sorted(p.parent.glob(p.name.replace("images", "labels").replace("idx3", "idx1")))
         lab = labels[0] if labels and labels[0] != p else None
         return Source(str(p), 1, {"train": idx_split(p, lab)}, None)
+    with open(p, "rb") as f:
+        if f.read(1) != b"\x80":  # every CIFAR batch is a protocol-2 pickle; this file is something else
+            raise IgptError(f"--data {p}: not a source igpt reads (a named data set, an image folder, IDX files, a "
+                            "CIFAR batch, .npz or .npy)")
     return cifar_source(p)  # a single batch file; the unpickler refuses anything else
 

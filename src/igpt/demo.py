@@ -160,6 +160,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     counts = meta["counts"]
     if not meta["labels"]:
         raise IgptError(f"{cfg.data}: the demo's probe needs class labels (class folders, IDX labels, CIFAR)")
+    empty = [s for s in ("train", "val", "test") if not counts.get(s)]
+    if empty:  # before minutes of training, not after
+        sizes = ", ".join(f"{s} {n}" for s, n in counts.items())
+        raise IgptError(f"{cfg.data}: too few images for the demo's splits ({sizes}; empty: {', '.join(empty)}); "
+                        "the probe needs images in train, val and test")
     timings["prepare"] = time.perf_counter() - t
     print(f"      {', '.join(f'{s} {n}' for s, n in counts.items())} images, {k} colours "
           f"({timings['prepare']:.1f} s)", flush=True)
@@ -172,7 +177,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     plan = plan_steps(budget - (time.perf_counter() - t0), step_s, fwd_s, cfg.batch_size,
                       counts["val"] + counts["test"], n_img,
                       cfg.completions * cfg.per_image * mcfg.seq_len // 2 + cfg.samples * mcfg.seq_len,
-                      cfg.max_steps)
+                      cfg.max_steps, n_fit_sets=mcfg.n_layer + 1 + 3)  # the layers, a concatenation, 2 baselines
+    if plan["later_s"] + plan["steps"] * step_s > budget:
+        print(f"      note: --minutes {cfg.minutes:g} is less than this run needs: the stages after training are "
+              f"estimated at {plan['later_s']:.0f} s; training takes its minimum of {plan['steps']} steps",
+              flush=True)
     steps = plan["steps"] = cfg.steps or plan["steps"]
     time_limit = None if cfg.steps else plan["time_limit_s"]  # fixed --steps: train them all
     _say(2, f"train: {cfg.preset} ({mcfg.n_layer} layers, {mcfg.n_embd} wide), {steps} steps of "

@@ -32,8 +32,11 @@ def channel_name(c: int) -> str:
 
 def pack_rgb(pixels: np.ndarray) -> np.ndarray:
     """uint8 (..., 3) -> int64 (...) codes r << 16 | g << 8 | b, the index into a 2^24 lookup table."""
-    p = pixels.astype(np.int64)
-    return (p[..., 0] << 16) | (p[..., 1] << 8) | p[..., 2]
+    p = np.asarray(pixels)
+    codes = p[..., 0].astype(np.int64) << 16
+    codes |= p[..., 1].astype(np.int64) << 8
+    codes |= p[..., 2]
+    return codes
 
 
 def nearest(points: np.ndarray, centres: np.ndarray, margin: float = 1e-4) -> np.ndarray:
@@ -60,11 +63,59 @@ def nearest(points: np.ndarray, centres: np.ndarray, margin: float = 1e-4) -> np
     return out
 
 
+CELL = 16  # the RGB cube's cells for the nearest-colour search: 16 levels a side, 4,096 cells
+
+
+def cell_candidates(centres: np.ndarray) -> np.ndarray:
+    """(4096, k) bool: for each cell of the RGB cube (CELL levels a side), the centres that can be nearest to a
+    colour in it: those whose distance to the cell's box is at most the smallest distance any centre has to
+    the box's farthest corner (+1e-9, far above the rounding of either form). The nearest centre of a colour
+    in the cell always lies among them (about 7 of 512 for a palette fitted to photos)."""
+    c = np.asarray(centres, dtype=np.float64)
+    n = 256 // CELL
+    lo, hi = to_unit(np.arange(n) * CELL), to_unit(np.arange(n) * CELL + CELL - 1)  # per axis, (n,)
+    dmin, dmax = np.zeros((n, n, n, len(c))), np.zeros((n, n, n, len(c)))
+    for a in range(3):
+        ca = c[:, a][None, :]
+        near = (np.maximum(lo[:, None] - ca, 0) + np.maximum(ca - hi[:, None], 0)) ** 2  # (n, k)
+        far = np.maximum((ca - lo[:, None]) ** 2, (ca - hi[:, None]) ** 2)
+        shape = [1, 1, 1, len(c)]
+        shape[a] = n
+        dmin += near.reshape(shape)
+        dmax += far.reshape(shape)
+    dmin, dmax = dmin.reshape(n**3, -1), dmax.reshape(n**3, -1)
+    return dmin <= dmax.min(axis=1, keepdims=True) + 1e-9
+
+
+def nearest_rgb(codes: np.ndarray, centres: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """``nearest`` for packed RGB codes (N,) (``pack_rgb``), searching each colour's cell's candidates only
+    (``cell_candidates``): the same ids (float64, |c|^2 - 2ac + |a|^2's argmin, ties to the lowest index) at
+    ~1/10 of the time for k = 512."""
+    c = np.asarray(centres, dtype=np.float64)
+    c2 = np.einsum("kc,kc->k", c, c)
+    r, g, b = (codes >> 16) & 255, (codes >> 8) & 255, codes & 255
+    n = 256 // CELL
+    cell = (((r // CELL) * n + g // CELL) * n + b // CELL).astype(np.uint16)
+    order = np.argsort(cell, kind="stable")  # a radix sort for 16-bit keys
+    cells = cell[order]
+    starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
+    ends = np.r_[starts[1:], len(cells)]
+    pts = to_unit(np.stack([r, g, b], axis=1)[order])
+    found = np.empty(len(codes), dtype=np.int64)
+    for s, e in zip(starts, ends):
+        ids = np.flatnonzero(candidates[cells[s]])  # ascending, so argmin's first minimum is the lowest id
+        found[s:e] = ids[(c2[ids][None, :] - 2.0 * (pts[s:e] @ c[ids].T)).argmin(axis=1)]
+    out = np.empty(len(codes), dtype=np.int64)
+    out[order] = found
+    return out
+
+
 class Palette:
     """k colours in [-1, 1]. ``quantize`` maps uint8 images (..., C) to ids (...); ``dequantize`` inverts.
 
     RGB quantization goes through a lazily filled 2^24-entry lookup table: each distinct colour is solved
-    exactly once, later pixels of that colour cost one gather.
+    exactly once (``nearest_rgb``: only the centres that can be nearest in its part of the RGB cube), later
+    pixels of that colour cost one gather.
     """
 
     def __init__(self, centers: np.ndarray):
@@ -81,6 +132,7 @@ class Palette:
         self.centers = centers  # kept in its own dtype: OpenAI's kmeans_centers.npy loads unchanged
         self._colours = np.rint(127.5 * (centers.astype(np.float64) + 1.0)).clip(0, 255).astype(np.uint8)
         self._lut: np.ndarray | None = None
+        self._candidates: np.ndarray | None = None  # cell_candidates, for RGB
 
     @property
     def k(self) -> int:
@@ -122,9 +174,12 @@ class Palette:
         ids = lut[codes]
         missing = ids == _MISSING
         if missing.any():
-            todo = np.unique(codes[missing])
-            rgb = np.stack([(todo >> 16) & 255, (todo >> 8) & 255, todo & 255], axis=1)
-            lut[todo] = nearest(to_unit(rgb), self.centers)
+            seen = np.zeros(1 << 24, dtype=bool)  # the distinct missing codes, sorted: 10x faster than np.unique
+            seen[codes[missing]] = True
+            todo = np.flatnonzero(seen)
+            if self._candidates is None:
+                self._candidates = cell_candidates(self.centers)
+            lut[todo] = nearest_rgb(todo, self.centers, self._candidates)
             ids[missing] = lut[codes[missing]]
         return ids
 
