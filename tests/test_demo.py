@@ -88,6 +88,7 @@ def test_report_holds_the_numbers_images_and_commands(demo_run):
     assert f"{100 * s['baseline_test_accuracy']:.1f}%" in page
     assert f"{100 * s['concat_probe_test_accuracy']:.1f}%" in page
     assert f"{s['val_bits_per_token']:.3f} bits per token" in page
+    assert f"{s['wall_seconds']:.0f} s (budget {s['budget_seconds']:.0f} s)" in page  # the page's number is summary's
     assert page.count('class="sw"') == s["palette_size"]
     for cmd in s["commands"]:
         assert cmd.replace("'", "&#x27;") in page

@@ -103,6 +103,9 @@ def _infos(drop=(), **shapes):
     (_infos(drop=("model/h2/mlp/c_fc/w",)), "missing model/h2/mlp/c_fc/w"),
     (_infos(**{"model/wpe": (15, 12)}), "15 positions, not a square"),
     (_infos(**{"model/h1/attn/k_proj": (3, 4, 12)}), "model/h1/attn/k_proj \\(3, 4, 12\\) != \\(2, 6, 12\\)"),
+    (_infos(**{"model/wte": (16, 12, 1)}), "model/wte has shape \\(16, 12, 1\\), expected 2 dimensions"),
+    (_infos(**{"model/wpe": (192,)}), "model/wpe has shape \\(192,\\), expected 2 dimensions"),
+    (_infos(**{"model/clf/wclf": ()}), "model/clf/wclf has shape \\(\\), expected 2 dimensions"),
 ])
 def test_not_an_igpt_checkpoint(infos, msg):
     from igpt.openai import infer_config

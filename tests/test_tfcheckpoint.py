@@ -159,3 +159,31 @@ def test_compressed_block_is_refused_clearly(ar_copy):
         TFCheckpoint(ar_copy)
 
 
+
+
+def test_crafted_indexes_are_one_line_errors(tmp_path):
+    """Hostile or damaged entries, each written with a real (valid) table around it: a field of the wrong wire
+    type, a size far beyond the data file (checked before any allocation), a shape whose element count wraps
+    int64, overlapping slices, and a tensor without a checksum (TensorFlow checks such data against 0 too)."""
+    from tf_writer import entry, field, write
+
+    data = np.arange(4, dtype="<f4").tobytes()
+    good = entry(dims=(4,), size=16, crc=crc32c(data))
+    assert np.array_equal(TFCheckpoint(write(tmp_path / "ok", {b"x": good}, [data])).read("x"), np.arange(4))
+    cases = {
+        "wire": ({b"x": field(1, 1) + field(3, b"\x00")}, [data], "malformed bundle entry"),
+        "huge": ({b"x": entry(dims=(2**37,), size=2**39)}, [data], "truncated: tensor 'x' needs bytes"),
+        "wrap": ({b"x": entry(dims=(2**32, 2**32), size=0)}, [data], "0 bytes for float32"),
+        "nocrc": ({b"x": entry(dims=(4,), size=16)}, [data], "checksum mismatch for tensor 'x'"),
+    }
+    half = np.arange(2, dtype="<f4").tobytes()
+    from igpt.tfcheckpoint import slice_key
+
+    piece = entry(dims=(2,), size=8, crc=crc32c(half))
+    cases["overlap"] = ({b"x": entry(dims=(4,), slices=[((0, 2),), ((0, 2),)]), slice_key("x", ((0, 2),)): piece},
+                        [half * 4], "overlaps another slice")
+    for name, (entries, files, message) in cases.items():
+        with pytest.raises(IgptError, match=message):
+            TFCheckpoint(write(tmp_path / name, entries, files)).read("x")
+    with pytest.raises(IgptError, match="bundle header says"):  # the shard count as bytes
+        TFCheckpoint(write(tmp_path / "hdr", {b"x": good}, [data], header=field(1, b"\x01")))

@@ -40,6 +40,8 @@ def test_masks_and_augmentation_do_not_depend_on_the_rank_split():
     full, m = BatchStream(tokens, 4, 8, seed=1).batch_at(2, "bert", 0.3, True)
     parts = [BatchStream(tokens, 4, 8, seed=1, rank=r, world_size=2).batch_at(2, "bert", 0.3, True) for r in (0, 1)]
     assert torch.equal(torch.cat([p[0] for p in parts]), full) and torch.equal(torch.cat([p[1] for p in parts]), m)
+    big = BatchStream(tokens, 4, 8, seed=2**61).batch_at(2, "bert", 0.3, True)  # any allowed seed works
+    assert big[0].shape == full.shape
 
 
 def test_crop_flip_on_token_grids():
@@ -88,7 +90,7 @@ def test_contradictory_configs_fail_before_data_or_process_group(shards, tmp_pat
                                        (dict(time_limit=0), "time_limit"), (dict(time_limit=True), "time_limit"),
                                        (dict(lr=float("inf")), "lr"), (dict(weight_decay=float("nan")), "weight_decay"),
                                        (dict(grad_clip=float("nan")), "grad_clip"),
-                                       (dict(steps=6, warmup=7), "warmup")])
+                                       (dict(steps=6, warmup=7), "warmup"), (dict(seed=2**62), "seed")])
 def test_config_fields_are_validated(shards, tmp_path, kw, field):
     with pytest.raises(IgptError, match=field):
         tiny(shards, tmp_path, **kw)

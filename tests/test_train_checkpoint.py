@@ -215,6 +215,13 @@ def test_an_explicit_resume_never_writes_over_another_branch_or_a_foreign_folder
     with pytest.raises(IgptError, match="igpt did not write"):
         train(tiny(shards, foreign, steps=6, resume=str(root / "step-000002")))
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    # the same checkpoint copied under another name: its step comes from its train_state.json
+    import shutil
+
+    shutil.copytree(root / "step-000002", tmp_path / "saved-at-2")
+    with pytest.raises(IgptError, match=r"step 2\).*later checkpoints"):
+        train(tiny(shards, run, steps=6, save_every=1, keep=1, resume=str(tmp_path / "saved-at-2")))
+    assert [p.name for p in list_checkpoints(root)] == before
     # into a new folder it branches off as before
     res = train(tiny(shards, tmp_path / "branch", steps=6, resume=str(root / "step-000002")))
     assert sorted(res["losses"]) == [3, 4, 5, 6]

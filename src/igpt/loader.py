@@ -46,7 +46,8 @@ class BatchStream:
         pixels = np.empty((len(rows), self.tokens.shape[1]), dtype=np.int64)
         pixels[order] = self.tokens[rows[order]]
         release_pages(self.tokens)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)  # shared by every rank
+        # shared by every rank; modulo 2^63 so that any seed works (the same value as before for seeds < 9e12)
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) % (1 << 63))
         lo, hi = self.rank * len(rows), (self.rank + 1) * len(rows)
         if augment:
             pad = max(1, self.n_px // 8)

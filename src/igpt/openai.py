@@ -69,6 +69,9 @@ def infer_config(ckpt: TFCheckpoint, source: str) -> ImageGPTConfig:
     gone = [f"model/h{i}/{p}" for i in layers for p in LAYER_PARTS if f"model/h{i}/{p}" not in infos]
     if gone:
         raise IgptError(f"{source}: missing {', '.join(gone[:8])}{' ...' if len(gone) > 8 else ''}")
+    for n, rank in (("model/wte", 2), ("model/wpe", 2), ("model/clf/wclf", 2)):
+        if n in infos and len(infos[n].shape) != rank:
+            raise IgptError(f"{source}: {n} has shape {infos[n].shape}, expected {rank} dimensions")
     (V, d), (n_ctx, _), q = infos["model/wte"].shape, infos["model/wpe"].shape, infos["model/h0/attn/q_proj"].shape
     if len(q) != 3 or q[0] * q[1] != d:
         raise IgptError(f"{source}: model/h0/attn/q_proj has shape {q}, expected (n_head, n_embd / n_head, {d})")

@@ -21,6 +21,8 @@ Checksums: ``igpt.crc32c``.
 
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,9 +102,14 @@ class _Entry:
     slices: tuple[tuple[tuple[int, int], ...], ...] = ()  # per slice, per dim (start, length; -1 = all)
 
 
+_ENTRY_TYPES = {1: int, 2: bytes, 3: int, 4: int, 5: int, 6: int, 7: bytes}  # field -> its wire value's type
+
+
 def _parse_entry(buf: bytes) -> _Entry:
     e, slices = _Entry(), []
     for num, v in _fields(buf):
+        if num in _ENTRY_TYPES and not isinstance(v, _ENTRY_TYPES[num]):
+            raise ValueError(f"field {num} has the wrong wire type")
         if num == 1:
             e.dtype = v
         elif num == 2:
@@ -123,6 +130,8 @@ def _parse_entry(buf: bytes) -> _Entry:
                     extents.append((_int64(f.get(1, 0)), _int64(f[2]) if 2 in f else -1))
             slices.append(tuple(extents))
     e.slices = tuple(slices)
+    if e.crc32c is None:  # proto3: an absent fixed32 is 0, and TensorFlow checks the data against it all the same
+        e.crc32c = unmask_crc(0)
     return e
 
 
@@ -245,11 +254,11 @@ class TFCheckpoint:
             self._entries = {k: _parse_entry(v) for k, v in table.items()}
         except KeyError:
             raise IgptError(f"{self.index_path}: no bundle header (not a V2 checkpoint index)") from None
-        except (ValueError, IndexError) as e:
+        except (ValueError, IndexError, TypeError) as e:
             raise IgptError(f"{self.index_path}: malformed bundle entry ({e})") from None
         self.num_shards = header.get(1, 0)
         self.big_endian = header.get(2, 0) == 1
-        if self.num_shards < 1:
+        if not isinstance(self.num_shards, int) or self.num_shards < 1:
             raise IgptError(f"{self.index_path}: bundle header says {self.num_shards} shards")
         self._names = sorted(k.decode("utf-8", "replace") for k in self._entries if not k.startswith(b"\x00"))
 
@@ -289,8 +298,12 @@ class TFCheckpoint:
     def _reassemble(self, name: str, e: _Entry) -> np.ndarray:
         """A partitioned variable from its pieces (each under its slice key, with its own checksum)."""
         code = DTYPES[e.dtype][1]
-        out = np.zeros(e.shape, dtype=np.float32 if np.dtype(code).kind in "fu" else code)  # u2: bfloat16
-        covered = 0
+        dtype = np.float32 if np.dtype(code).kind in "fu" else code  # u2: bfloat16
+        on_disk = sum(p.stat().st_size for p in map(self.shard_path, range(self.num_shards)) if p.is_file())
+        if any(d < 0 for d in e.shape) or math.prod(e.shape) * np.dtype(code).itemsize > on_disk:
+            raise IgptError(f"{self.index_path}: tensor {name!r}: shape {e.shape} does not fit the data files")
+        out = np.zeros(e.shape, dtype=dtype)
+        seen = np.zeros(e.shape, dtype=bool)  # each value must come from exactly one slice
         for extents in e.slices:
             if len(extents) != len(e.shape):
                 raise IgptError(f"{self.index_path}: tensor {name!r}: a slice of rank {len(extents)} for shape {e.shape}")
@@ -305,10 +318,13 @@ class TFCheckpoint:
             if piece.dtype != e.dtype or tuple(piece.shape) != shape:
                 raise IgptError(f"{self.index_path}: tensor {name!r}: slice {extents} is stored as {piece.shape}, "
                                 f"expected {shape}")
+            if seen[region].any():
+                raise IgptError(f"{self.index_path}: tensor {name!r}: slice {extents} overlaps another slice")
             out[region] = self._read_piece(piece, shape, f"{name} slice {extents}")
-            covered += int(np.prod(shape))
-        if covered != out.size:
-            raise IgptError(f"{self.index_path}: tensor {name!r}: its slices cover {covered} of {out.size} values")
+            seen[region] = True
+        if not seen.all():
+            raise IgptError(f"{self.index_path}: tensor {name!r}: its slices cover {int(seen.sum())} of {out.size} "
+                            "values")
         return out
 
     def _read_piece(self, e: _Entry, shape: tuple[int, ...], what: str) -> np.ndarray:
@@ -316,12 +332,15 @@ class TFCheckpoint:
         if not 0 <= e.shard_id < self.num_shards:
             raise IgptError(f"{self.index_path}: tensor {what!r} is in shard {e.shard_id} of {self.num_shards}")
         tname, code = DTYPES[e.dtype]
-        count = int(np.prod(shape))
+        count = math.prod(shape)  # Python ints: no int64 wrap-around for absurd shapes
         if any(d < 0 for d in shape) or e.size != count * np.dtype(code).itemsize:
             raise IgptError(f"{self.index_path}: tensor {what!r}: {e.size} bytes for {tname} {shape}")
         path = self.shard_path(e.shard_id)
         try:
             with open(path, "rb") as f:
+                if e.offset < 0 or e.offset + e.size > os.fstat(f.fileno()).st_size:  # before allocating anything
+                    raise IgptError(f"{path}: truncated: tensor {what!r} needs bytes {e.offset}..{e.offset + e.size}, "
+                                    f"the file ends first")
                 f.seek(e.offset)
                 raw = f.read(e.size)
         except OSError as err:
@@ -329,7 +348,7 @@ class TFCheckpoint:
         if len(raw) != e.size:
             raise IgptError(f"{path}: truncated: tensor {what!r} needs bytes {e.offset}..{e.offset + e.size}, "
                             f"the file ends first")
-        if self.verify and e.crc32c is not None and crc32c(raw) != e.crc32c:
+        if self.verify and crc32c(raw) != e.crc32c:
             raise IgptError(f"{path}: checksum mismatch for tensor {what!r} (corrupt data file)")
         a = np.frombuffer(raw, dtype=np.dtype(code).newbyteorder(">" if self.big_endian else "<"), count=count)
         if tname == "bfloat16":  # the top half of a float32: widen exactly

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from igpt import __version__
 from igpt import distributed as D
 from igpt.errors import IgptError
-from igpt.io import atomic_write_bytes, check_replaceable, remove_stale_temporaries
+from igpt.io import atomic_write_bytes, check_replaceable, read_json, remove_stale_temporaries
 from igpt.loader import BatchStream
 from igpt.model import ImageGPT, ImageGPTConfig, ar_inputs, ar_loss, bert_loss, scored_images
 from igpt.presets import get_preset
@@ -132,7 +132,13 @@ def train(cfg: TrainConfig) -> dict:
         raise IgptError(f"{out} holds a model (model.safetensors), not a training run; choose another --out")
     if resume is not None and cfg.resume != "auto":
         check_replaceable(out, (CONFIG_FILE,))  # an explicit --resume DIR writes into --out: it must be ours
-        at = checkpoint_step(resume)
+        at = checkpoint_step(resume)  # from its name, else from its train_state.json (a copy under another name)
+        if at is None and (resume / "train_state.json").is_file():
+            try:
+                at = read_json(resume / "train_state.json").get("step")
+            except (IgptError, AttributeError):
+                at = None  # damaged: loading it below says so
+        at = at if isinstance(at, int) else None
         newer = [p.name for p in list_checkpoints(out / "checkpoints") if at is not None and checkpoint_step(p) > at]
         if newer:  # the branch would overwrite, then prune, them (and --resume auto would pick them)
             raise IgptError(f"--resume {resume} (step {at}): {out / 'checkpoints'} holds later checkpoints "

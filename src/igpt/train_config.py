@@ -59,6 +59,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise IgptError(f"train config: {name} must be an integer >= 0, got {v!r}")
+        if self.seed >= 1 << 62:  # torch's generators take 64-bit seeds (seed + rank and friends must fit)
+            raise IgptError(f"train config: seed must be below 2^62, got {self.seed}")
         if self.micro_batch_size is not None:
             _positive("micro_batch_size", self.micro_batch_size)
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:

@@ -81,7 +81,8 @@ def save_train_checkpoint(ckpt_root: Path, model_state: dict, model_cfg, palette
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     atomic_write_bytes(ckpt_root / LATEST, (path.name + "\n").encode())  # only after the directory is in place
     for old in list_checkpoints(ckpt_root)[:-keep]:
-        _remove(old)
+        if old != path:  # never the one just written (newer ones of another branch would otherwise outlive it)
+            _remove(old)
     remove_leftovers(ckpt_root)
     return path
 
