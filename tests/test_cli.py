@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from igpt.cli import build_parser, main
+from igpt.errors import IgptError
 
 
 def run(*args, cwd=None):
@@ -262,6 +263,24 @@ def test_prepare_and_eval_settings_files(tmp_path, monkeypatch, capsys):
     assert "eval: --checkpoint required" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("module, cls, required", [("igpt.train_config", "TrainConfig", {"data": "d"}),
+                                                   ("igpt.prepare", "PrepareConfig", {"out": "o"}),
+                                                   ("igpt.evaluate", "EvalConfig", {"checkpoint": "c", "data": "d"}),
+                                                   ("igpt.finetune", "FinetuneConfig",
+                                                    {"checkpoint": "c", "data": "d", "out": "o"}),
+                                                   ("igpt.demo", "DemoConfig", {})])
+def test_every_config_checks_its_seed(module, cls, required):
+    """Seeds feed torch's 64-bit generators (combined with ranks and indices): a negative or huge one is a
+    one-line config error, not a numpy / torch traceback later."""
+    import importlib
+
+    config = getattr(importlib.import_module(module), cls)
+    config(**required, seed=2**62 - 1)
+    for seed in (-1, 2**62, 2**64):
+        with pytest.raises(IgptError, match=r"seed must be an integer in \[0, 2\^62\)"):
+            config(**required, seed=seed)
+
+
 def test_finetune_needs_checkpoint_data_and_out_from_somewhere(tmp_path, capsys):
     assert main(["finetune", "--data", "sh"]) == 2
     err = capsys.readouterr().err.strip()
@@ -279,6 +298,8 @@ def test_finetune_needs_checkpoint_data_and_out_from_somewhere(tmp_path, capsys)
     ("a.yaml", "data: s\n", "expected a .json or .toml file"),
     ("a.toml", "steps = 3\n", "--data required"),
     ("missing.json", None, "no such file"),
+    ("a.json", '{"data": "s", "lr": 1' + "0" * 400 + "}", "lr must be float"),  # too large for a float
+    ("a.toml", 'data = "s"\n[train]\nsteps = 3\n', "settings both at the top (data) and in a [train] table"),
 ])
 def test_bad_settings_files_are_one_line_errors(tmp_path, capsys, name, text, message):
     path = tmp_path / name

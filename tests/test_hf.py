@@ -19,6 +19,7 @@ from igpt.checkpoint import load_heads, load_model, save_model
 from igpt.errors import IgptError
 from igpt.hf import export_hf, import_hf, load_hf
 from igpt.model import ar_inputs
+from igpt.palette import Palette
 from igpt.sample import generate
 
 transformers = pytest.importorskip("transformers")
@@ -74,6 +75,18 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path):
     for (k, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
     assert np.allclose(pal.centers, rgb_palette(20))
+
+
+def test_a_float32_palette_survives_export_and_import_with_its_hash(tmp_path):
+    """JSON stores the palette as float64; float32 values come back as float32, so the shards prepared with the
+    palette still match the round-tripped checkpoint (the hash includes the dtype)."""
+    pal = Palette(rgb_palette(16, seed=4))
+    assert pal.centers.dtype == np.float32
+    save_model(tmp_path / "ck", tiny_model(seed=1), palette=pal)
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    back = load_model(tmp_path / "back")[1]
+    assert back.hash == pal.hash and np.array_equal(back.centers, pal.centers)
 
 
 def test_grey_palette_survives_export(tmp_path):
@@ -146,22 +159,34 @@ def test_base_model_and_classifier(tmp_path):
 
 
 def test_classifier_head_exports(tmp_path):
+    """The exported classifier is the head on ln_f pooled over the ids it gets: fed [SOS, x0 .. x_{T-2}] it gives
+    exactly `igpt finetune`'s logits (which pool the generative pass); fed the raw pixels, other features."""
     from transformers import ImageGPTForCausalImageModeling, ImageGPTForImageClassification
+
+    from igpt.finetune import joint_forward
 
     require_correct_hf_scale(8)
     model = tiny_model(seed=3)
     score = torch.randn(4, model.config.n_embd)
     save_model(tmp_path / "ck", model, heads={"score": score})
     info = export_hf(tmp_path / "ck", tmp_path / "hf")
-    assert info["classifier"] and info["dropped_heads"] == []
+    assert info["classifier"] and info["dropped_heads"] == [] and "ar_inputs" in info["note"]
     clf = ImageGPTForImageClassification.from_pretrained(tmp_path / "hf").eval()
     lm = ImageGPTForCausalImageModeling.from_pretrained(tmp_path / "hf").eval()
     pixels = torch.randint(0, 16, (3, 64))
+    head = torch.nn.Linear(model.config.n_embd, 4, bias=False)
+    head.weight.data.copy_(score)
     with torch.no_grad():
+        ours = joint_forward(model, head, pixels, with_gen=False)[0]
+        assert (clf(ar_inputs(pixels, 16)).logits - ours).abs().max() <= 1e-5
+        assert (clf(ar_inputs(pixels, 16)).logits - clf(pixels).logits).abs().max() > 1e-3
         assert (clf(pixels).logits - model.features(pixels, [2])[2] @ score.T).abs().max() <= 1e-5
         assert (lm(pixels).logits - model(pixels)).abs().max() <= 1e-5
     import_hf(tmp_path / "hf", tmp_path / "back")  # the head comes back, next to the lm_head
     assert torch.equal(load_heads(tmp_path / "back")["score"], score)
+    save_model(tmp_path / "ck-bad", model, heads={"score": torch.randn(3, 7)})  # not n_embd wide
+    with pytest.raises(IgptError, match=r"score head has shape \(3, 7\), expected \(classes, 24\)"):
+        export_hf(tmp_path / "ck-bad", tmp_path / "hf-bad")
 
 
 def test_unknown_and_missing_keys_are_listed(tmp_path):

@@ -88,6 +88,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
         print(f"note: heads with no place in the Hugging Face classes were not exported: {', '.join(info['dropped_heads'])}")
     also = " and ImageGPTForImageClassification" if info["classifier"] else ""
     print(f"wrote {args.out} (transformers.ImageGPTForCausalImageModeling{also}.from_pretrained loads it)")
+    if info["note"]:
+        print(f"note: {info['note']}")
     return 0
 
 

@@ -31,6 +31,7 @@ from igpt.budget import plan_steps, step_seconds
 from igpt.datasets import BUNDLED
 from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes, check_replaceable
+from igpt.settings import check_seed
 
 MARKER, SUMMARY, REPORT = "demo.json", "summary.json", "report.html"
 STAGES = 6
@@ -63,8 +64,20 @@ class DemoConfig:
     progress: bool | None = None  # progress bars; None: when stderr is a terminal
 
     def __post_init__(self) -> None:
-        if not self.minutes > 0:
-            raise IgptError(f"demo: --minutes must be > 0, got {self.minutes}")
+        """Everything checkable without the data, so a bad setting never costs an old demo or minutes of work."""
+        from igpt.presets import PRESETS
+
+        if not (self.minutes > 0 and math.isfinite(self.minutes)):
+            raise IgptError(f"demo: --minutes must be a finite number > 0, got {self.minutes}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise IgptError(f"demo: --lr must be a finite number > 0, got {self.lr}")
+        if isinstance(self.n_px, bool) or not isinstance(self.n_px, int) or not 2 <= self.n_px <= 1024:
+            raise IgptError(f"demo: --n-px must be between 2 and 1024, got {self.n_px!r}")
+        if self.palette_size is not None and (isinstance(self.palette_size, bool) or self.palette_size < 2):
+            raise IgptError(f"demo: --palette-size must be at least 2, got {self.palette_size!r}")
+        if self.preset not in PRESETS:
+            raise IgptError(f"demo: unknown model preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        check_seed(self.seed, "demo")
         for name in ("batch_size", "max_steps", "completions", "per_image", "samples"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -18,6 +18,7 @@ import torch
 
 from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes
+from igpt.settings import check_seed
 
 EVAL_FILE = "eval.json"
 
@@ -35,6 +36,7 @@ class EvalConfig:
     device: str | None = None  # None: CUDA when present, else CPU
 
     def __post_init__(self) -> None:
+        check_seed(self.seed, "eval config")
         for name in ("batch_size",):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

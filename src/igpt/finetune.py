@@ -36,6 +36,7 @@ from torch import nn
 from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes
 from igpt.model import ar_inputs, ar_loss, bert_loss, bert_mask
+from igpt.settings import check_seed
 
 FINETUNE_FILE, CHECKPOINT_DIR = "finetune.json", "checkpoint"
 
@@ -64,7 +65,8 @@ class FinetuneConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise IgptError(f"finetune config: {name} must be a positive integer, got {v!r}")
-        for name in ("patience", "seed"):
+        check_seed(self.seed, "finetune config")
+        for name in ("patience",):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise IgptError(f"finetune config: {name} must be an integer >= 0, got {v!r}")
@@ -203,7 +205,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     history, train_log, best_state = [], [], None
     step = 0
     for step in range(1, cfg.steps + 1):
-        if pos + cfg.batch_size > len(order) and pos > 0:  # a new epoch: no image twice before all once
+        # a new permutation when the rest of this one cannot fill a batch (drop_last: no image twice within an
+        # epoch; the len % batch_size left over take their chance in the next permutation)
+        if pos + cfg.batch_size > len(order) and pos > 0:
             order, pos = rng.permutation(len(tokens["train"])), 0
         idx = np.sort(order[pos : pos + cfg.batch_size])
         pos += cfg.batch_size

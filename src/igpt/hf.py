@@ -154,6 +154,11 @@ def load_hf(hf_dir: str | Path):
                 palette = Palette(palette.centers[:, :1])
             if palette.k != cfg.palette_size:
                 raise IgptError(f"{pfile}: {palette.k} clusters, but the model has {cfg.palette_size} colours")
+            c = palette.centers
+            if c.dtype != np.float32 and np.array_equal(c.astype(np.float32).astype(c.dtype), c):
+                # JSON holds float64; values that are float32 numbers (ours as exported, OpenAI's centres) come
+                # back as float32, so the palette's hash, and the shards made with it, still match
+                palette = Palette(c.astype(np.float32))
     return model, palette, heads, has_head
 
 
@@ -164,6 +169,11 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path) -> dict:
     return {"checkpoint": str(out_ckpt), "config": model.config.to_dict(), "parameters": model.num_params(),
             "palette": None if palette is None else palette.k, "lm_head": has_head, "heads": sorted(heads),
             "note": None if has_head else "no lm_head in the file: the output head is zero (features only)"}
+
+
+CLASSIFIER_INPUT = ("the exported ImageGPTForImageClassification gives igpt's fine-tuned logits when fed [SOS, x0 .. "
+                    "x_{T-2}] (igpt.model.ar_inputs(pixels, palette_size); SOS = palette_size), as igpt finetune "
+                    "pools them; fed the image processor's raw ids it pools other features")
 
 
 def ours_to_hf_state(model: ImageGPT) -> dict[str, torch.Tensor]:
@@ -179,7 +189,10 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
     ``transformers.ImageGPTForCausalImageModeling.from_pretrained`` loads (config.json, model.safetensors,
     and preprocessor_config.json with the palette as ``clusters`` when the checkpoint has one). A checkpoint
     with a ``score`` head (from ``igpt finetune`` or an imported classifier) also loads as
-    ``ImageGPTForImageClassification``: its logits are the head on the mean of ln_f over all positions."""
+    ``ImageGPTForImageClassification``: its logits are the head on the mean of ln_f over all positions of the
+    ids it is given. `igpt finetune` pools an AR model's pass over [SOS, x0 .. x_{T-2}] (the generative input,
+    one forward pass for both losses), so the exported classifier gives the fine-tuned logits when fed
+    ``ar_inputs(pixels, palette_size)``, not the image processor's raw ids (``CLASSIFIER_INPUT``)."""
     model, palette = load_model(ckpt)
     cfg = model.config
     if not cfg.causal:
@@ -189,6 +202,8 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
     heads = load_heads(ckpt)
     state, hc = ours_to_hf_state(model), our_config_to_hf(cfg)
     score = heads.pop("score", None)
+    if score is not None and (score.ndim != 2 or score.shape[1] != cfg.n_embd):
+        raise IgptError(f"{ckpt}: its score head has shape {tuple(score.shape)}, expected (classes, {cfg.n_embd})")
     if score is not None:  # a fine-tuned head: the same files also load as ImageGPTForImageClassification
         state["score.weight"] = score.detach().to("cpu", torch.float32).contiguous()
         hc["architectures"].append("ImageGPTForImageClassification")
@@ -208,4 +223,5 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
             pc["clusters"] = centers.tolist()
             (tmp / "preprocessor_config.json").write_text(json.dumps(pc, indent=2) + "\n")
     return {"hf_dir": str(out_dir), "palette": None if palette is None else palette.k,
-            "classifier": score is not None, "dropped_heads": sorted(heads)}
+            "classifier": score is not None, "dropped_heads": sorted(heads),
+            "note": CLASSIFIER_INPUT if score is not None else None}

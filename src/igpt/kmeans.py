@@ -61,6 +61,8 @@ def fit_palette(
     if pixels.dtype != np.uint8 or pixels.ndim != 2 or pixels.shape[1] not in (1, 3):
         raise IgptError(f"fit_palette expects uint8 pixels of shape (N, 1) or (N, 3), got {pixels.dtype} {pixels.shape}")
     colours, counts = unique_colours(pixels)
+    if len(colours) < 2:
+        raise IgptError(f"the data has {len(colours)} distinct colour(s): a palette needs at least 2")
     if len(colours) < k:
         raise IgptError(
             f"the data has only {len(colours)} distinct colours, fewer than the palette size {k}: "
@@ -71,9 +73,12 @@ def fit_palette(
     x = torch.from_numpy(to_unit(colours)).float().to(dev)  # (U, C)
     w = torch.from_numpy(counts).double().to(dev)  # (U,)
     w_draw = torch.from_numpy(counts).float()  # (U,) on the CPU, for the seeded draws
-    if len(x) > _PP_SAMPLE:  # seed on a weighted sample of colours: k-means++ is k sequential passes
-        pick = torch.multinomial(w_draw, _PP_SAMPLE, replacement=False, generator=g).to(dev)
-        c = _kmeans_pp(x[pick], w[pick], k, g)
+    if len(x) > _PP_SAMPLE:  # seed on a sample of the pixels: k-means++ is k sequential passes
+        # drawn in proportion to the counts, with replacement: each drawn colour weighs as often as it was drawn
+        # (weighting the sample by the counts again counted them twice: 4-13% worse inertia, twice the passes)
+        draw = torch.multinomial(w_draw, _PP_SAMPLE, replacement=True, generator=g)
+        pick, times = torch.unique(draw, return_counts=True)
+        c = _kmeans_pp(x[pick.to(dev)], times.double().to(dev), k, g)
     else:
         c = _kmeans_pp(x, w, k, g)
     mini = batch_size is not None and len(colours) > batch_size

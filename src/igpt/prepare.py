@@ -28,6 +28,7 @@ from igpt.images import convert_channels, resize_batch
 from igpt.io import atomic_dir, atomic_write_bytes, check_replaceable
 from igpt.kmeans import fit_palette
 from igpt.palette import Palette
+from igpt.settings import check_seed
 from igpt.shards import FORMAT, FORMAT_VERSION, SPLITS
 
 NATIVE_MAX_VALUES = 64 * 64 * 3  # native-resolution pixel files are kept up to this many values per image
@@ -53,6 +54,7 @@ class PrepareConfig:
     pixels: bool = True  # also write {split}_pixels.npy: the resized images before quantization (probe baseline)
 
     def __post_init__(self):
+        check_seed(self.seed, "prepare")
         if not 2 <= self.n_px <= 1024:
             raise IgptError(f"n_px must be between 2 and 1024, got {self.n_px}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -36,7 +36,22 @@ def read_settings_file(path: str | Path, section: str) -> dict:
         raise IgptError(f"--config {p}: not a readable {kind} file ({e})") from None
     if not isinstance(d, dict):
         raise IgptError(f"--config {p}: expected a table of settings, got {type(d).__name__}")
-    return d[section] if isinstance(d.get(section), dict) else d
+    if isinstance(d.get(section), dict):
+        if kind == "TOML" and len(d) > 1:  # runs write JSON; in a TOML file this is settings in two places
+            others = sorted(k for k in d if k != section)
+            raise IgptError(f"--config {p}: settings both at the top ({', '.join(others)}) and in a [{section}] "
+                            f"table; put them all in one place")
+        return d[section]
+    return d
+
+
+MAX_SEED = 1 << 62  # torch's generators take 64-bit seeds, and seeds are combined (seed * 1000 + i, seed + rank)
+
+
+def check_seed(seed, what: str) -> None:
+    """IgptError unless ``seed`` is an integer in [0, 2^62)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise IgptError(f"{what}: seed must be an integer in [0, 2^62), got {seed!r}")
 
 
 def check_settings(cls, d: dict, what: str) -> None:
@@ -69,7 +84,12 @@ def has_type(value, hint) -> bool:
     if base is type(None):
         return value is None
     if base in (int, float):
-        return not isinstance(value, bool) and isinstance(value, int if base is int else (int, float))
+        if isinstance(value, bool) or not isinstance(value, int if base is int else (int, float)):
+            return False
+        try:
+            return base is int or float(value) is not None  # an int too large for a float is not a number here
+        except OverflowError:
+            return False
     if base is tuple:  # tuple[float, float] or tuple[int, ...]: a list or tuple of those
         parts = typing.get_args(hint)
         if len(parts) == 2 and parts[1] is Ellipsis:

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from igpt.errors import IgptError
 from igpt.model import MODES
-from igpt.settings import build
+from igpt.settings import build, check_seed
 
 DTYPES = ("auto", "fp32", "bf16")
 # Settings a resumed run may change (bookkeeping only): everything else must match the saved run.
@@ -55,12 +55,11 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         for name in ("steps", "batch_size", "log_every", "keep"):
             _positive(name, getattr(self, name))
-        for name in ("warmup", "eval_every", "eval_images", "save_every", "seed"):
+        for name in ("warmup", "eval_every", "eval_images", "save_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise IgptError(f"train config: {name} must be an integer >= 0, got {v!r}")
-        if self.seed >= 1 << 62:  # torch's generators take 64-bit seeds (seed + rank and friends must fit)
-            raise IgptError(f"train config: seed must be below 2^62, got {self.seed}")
+        check_seed(self.seed, "train config")
         if self.micro_batch_size is not None:
             _positive("micro_batch_size", self.micro_batch_size)
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
