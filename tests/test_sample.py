@@ -177,6 +177,8 @@ def test_generate_checks_its_prefix():
                             (torch.zeros(2, 4), "integer palette ids")]:
         with pytest.raises(IgptError, match=message):
             generate(m, 2, prefix=prefix)
+    with pytest.raises(IgptError, match="seed must be"):
+        generate(m, 1, seed=-1)
 
 
 def test_a_tiny_temperature_is_greedy():

@@ -108,7 +108,8 @@ def joint_loss(model, head, pixels, labels, mask=None, lambda_gen: float = 1.0) 
 
 def eval_masks(n: int, t: int, k: int, p: float, seed: int) -> list[torch.Tensor]:
     """``k`` fixed (n, t) bool masks for one split: the same at every evaluation, different per member."""
-    return [bert_mask((n, t), torch.Generator().manual_seed(seed * 1000 + 7919 + i), p) for i in range(k)]
+    return [bert_mask((n, t), torch.Generator().manual_seed((seed * 1000 + 7919 + i) % (1 << 63)), p)  # any seed
+            for i in range(k)]
 
 
 @torch.no_grad()

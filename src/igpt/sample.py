@@ -18,6 +18,7 @@ from igpt.decode import Decoder
 from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes
 from igpt.model import ImageGPT
+from igpt.settings import check_seed
 
 
 # -- choosing the next token ----------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ def generate(model: ImageGPT, n: int, *, prefix: torch.Tensor | None = None, tem
     replayed CUDA graph of ``Decoder.step_static``; the sampling itself stays outside the graph.
     """
     check_sampling(temperature, top_k, top_p)
+    check_seed(seed, "sample")
     cfg = model.config
     T, dev = cfg.seq_len, next(model.parameters()).device
     if cuda_graph and dev.type != "cuda":
