@@ -191,7 +191,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                       counts["val"] + counts["test"], n_img,
                       cfg.completions * cfg.per_image * mcfg.seq_len // 2 + cfg.samples * mcfg.seq_len,
                       cfg.max_steps, n_fit_sets=mcfg.n_layer + 1 + 3)  # the layers, a concatenation, 2 baselines
-    if plan["later_s"] + plan["steps"] * step_s > budget:
+    if not cfg.steps and plan["later_s"] + plan["steps"] * step_s > budget:
         print(f"      note: --minutes {cfg.minutes:g} is less than this run needs: the stages after training are "
               f"estimated at {plan['later_s']:.0f} s; training takes its minimum of {plan['steps']} steps",
               flush=True)
