@@ -225,3 +225,20 @@ def test_an_explicit_resume_never_writes_over_another_branch_or_a_foreign_folder
     # into a new folder it branches off as before
     res = train(tiny(shards, tmp_path / "branch", steps=6, resume=str(root / "step-000002")))
     assert sorted(res["losses"]) == [3, 4, 5, 6]
+
+
+def test_an_rng_state_that_loads_but_does_not_apply_makes_the_checkpoint_unreadable(shards, tmp_path, capsys):
+    """rng.pt unpickles (weights-only) but holds a torch state of the wrong size: --resume auto must treat the
+    checkpoint as damaged and fall back to the one before, as for any other damaged file, not stop."""
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=6, keep=3))
+    rng = run / "checkpoints" / "step-000006" / "rng.pt"
+    state = torch.load(rng, weights_only=True)
+    state["ranks"][0]["torch"] = torch.zeros(3, dtype=torch.uint8)
+    torch.save(state, rng)
+    with pytest.raises(IgptError, match=r"rng.pt \(rank 0\): damaged RNG state"):
+        TS.load_train_checkpoint(rng.parent, load_model(rng.parent)[0].config)
+    capsys.readouterr()
+    train(tiny(shards, run, steps=6, keep=3, resume="auto"))
+    err = capsys.readouterr().err
+    assert "damaged RNG state" in err and "resuming from step-000004" in err

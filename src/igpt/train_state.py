@@ -55,18 +55,30 @@ def rng_state() -> dict:
     return st
 
 
-def set_rng_state(st: dict, source: str = "the checkpoint") -> None:
-    """Restore what rng_state() saved; IgptError naming ``source`` when the saved states are damaged."""
+def _restore(st: dict, py, npr, torch_set, cuda: bool, source: str) -> None:
+    """Apply saved states to the given generators (the process's, or throw-away ones to check them)."""
     try:
         v, keys, g = st["python"]
-        random.setstate((v, tuple(keys), g))
+        py.setstate((v, tuple(keys), g))
         kind, keys, pos, has_gauss, gauss = st["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-        torch.set_rng_state(st["torch"])
-        if "cuda" in st and torch.cuda.is_available():
+        npr.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch_set(st["torch"])
+        if cuda and "cuda" in st and torch.cuda.is_available():
             torch.cuda.set_rng_state(st["cuda"])
     except (TypeError, ValueError, RuntimeError, OverflowError, KeyError, IndexError, AttributeError) as e:
         raise IgptError(f"{source}: damaged RNG state ({type(e).__name__}: {e})") from None
+
+
+def set_rng_state(st: dict, source: str = "the checkpoint") -> None:
+    """Restore what rng_state() saved; IgptError naming ``source`` when the saved states are damaged."""
+    _restore(st, random, np.random, torch.set_rng_state, True, source)
+
+
+def check_rng_state(st: dict, source: str) -> None:
+    """IgptError naming ``source`` unless ``st`` applies cleanly, tried on throw-away generators (so a damaged
+    state makes its checkpoint unreadable when it is loaded, and ``--resume auto`` falls back)."""
+    py = random.Random()  # noqa: S311 - a scratch generator to try the state on, not for secrets
+    _restore(st, py, np.random.RandomState(), torch.Generator().set_state, False, source)
 
 
 def save_train_checkpoint(ckpt_root: Path, model_state: dict, model_cfg, palette, optim_state: dict,
@@ -185,6 +197,8 @@ def load_train_checkpoint(path: Path, model_cfg) -> dict:
             and isinstance(meta.get("train_config"), dict)):
         raise IgptError(f"{path}: unreadable training checkpoint (optimizer.pt, rng.pt or train_state.json is "
                         "not what igpt writes)")
+    for i, st in enumerate(rng["ranks"]):
+        check_rng_state(st, f"{path / RNG_FILE} (rank {i})")
     try:  # Adam's moments must fit the parameters (a damaged file would otherwise fail at the first step)
         for name, st in optim["state"].items():
             for k in ("exp_avg", "exp_avg_sq"):
