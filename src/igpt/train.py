@@ -11,6 +11,7 @@ clipping. Steps are counted from 1 in metrics and checkpoint names (step-000010 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -246,18 +247,19 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                     loss = micro_loss(wrapped, pixels[sl], None if mask is None else mask[sl].to(device), mcfg)
                 (loss / accum).backward()
                 total += loss.detach() / accum
-            # one collective per step: the loss and whether any rank has run past the time limit (so that every
-            # rank stops at the same step)
-            late = cfg.time_limit is not None and n < end and time.monotonic() - began >= cfg.time_limit
-            loss_sum, n_late = D.all_reduce_sum(torch.stack([total, total.new_tensor(float(late))])).tolist()
-            loss_val = loss_sum / info.world_size  # global batch mean
-            if not torch.isfinite(torch.tensor(loss_val)):
-                raise IgptError(f"non-finite loss ({loss_val}) at step {n}; stopped before the optimizer step "
-                                f"(the latest checkpoint is the last good one)")
             gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip or float("inf"))
             gn = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
-            if not torch.isfinite(gn):  # a finite loss can still overflow a gradient: never step on it
-                raise IgptError(f"non-finite gradient norm ({gn.item()}) at step {n}; stopped before the optimizer "
+            # one collective (and one host sync) per step: the loss, the gradient norm (the same on every rank)
+            # and whether any rank has run past the time limit (so that every rank stops at the same step)
+            late = cfg.time_limit is not None and n < end and time.monotonic() - began >= cfg.time_limit
+            reduced = D.all_reduce_sum(torch.stack([total, gn.to(total.dtype), total.new_tensor(float(late))]))
+            loss_sum, gn_sum, n_late = reduced.tolist()
+            loss_val, gn_val = loss_sum / info.world_size, gn_sum / info.world_size  # global batch mean; the norm
+            if not math.isfinite(loss_val):
+                raise IgptError(f"non-finite loss ({loss_val}) at step {n}; stopped before the optimizer step "
+                                f"(the latest checkpoint is the last good one)")
+            if not math.isfinite(gn_val):  # a finite loss can still overflow a gradient: never step on it
+                raise IgptError(f"non-finite gradient norm ({gn_val}) at step {n}; stopped before the optimizer "
                                 f"step (the latest checkpoint is the last good one)")
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -274,7 +276,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                 now = time.perf_counter()
                 if log is not None:
                     log.log({"step": n, "tokens": n * cfg.batch_size * T, "loss": loss_val, "bits": bits(loss_val),
-                             "lr": lr, "grad_norm": gn.item(), "tokens_per_s": tok0 / (now - t0)})
+                             "lr": lr, "grad_norm": gn_val, "tokens_per_s": tok0 / (now - t0)})
                 t0, tok0 = now, 0  # the time spent logging counts in the next interval
             paused = False
             if val is not None and ((cfg.eval_every and n % cfg.eval_every == 0) or n == cfg.steps):
