@@ -83,13 +83,16 @@ def has_type(value, hint) -> bool:
     base = typing.get_origin(hint) or hint
     if base is type(None):
         return value is None
-    if base in (int, float):
-        if isinstance(value, bool) or not isinstance(value, int if base is int else (int, float)):
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:  # an int is a float, unless it is too large to be one
+        if isinstance(value, bool) or not isinstance(value, int | float):
             return False
         try:
-            return base is int or float(value) is not None  # an int too large for a float is not a number here
+            float(value)
         except OverflowError:
             return False
+        return True
     if base is tuple:  # tuple[float, float] or tuple[int, ...]: a list or tuple of those
         parts = typing.get_args(hint)
         if len(parts) == 2 and parts[1] is Ellipsis:
