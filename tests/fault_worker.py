@@ -32,6 +32,11 @@ if __name__ == "__main__":
     fault_rank, fault_step = int(fault_rank), int(fault_step)
     rank, restart = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     report = {"restart": restart, "resumed_from": None, "error": None, "losses": {}}
+    if kind == "full":  # diagnosis of a rare hang in this case (2 of ~10 full runs on 2026-11-27): a process
+        # still alive after 90 s prints every thread's stack to stderr and exits, which the test then shows
+        import faulthandler
+
+        faulthandler.dump_traceback_later(90, exit=True)
     real_load, real_loss, real_lr = T.load_train_checkpoint, T.micro_loss, T.lr_at
     calls = {"loss": 0}
 

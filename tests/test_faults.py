@@ -257,4 +257,4 @@ def test_a_failed_metrics_write_on_rank_0_stops_every_rank_promptly(shards, tmp_
     assert r.returncode != 0
     report = json.loads((tmp_path / "res" / "rank0.json").read_text())
     assert "No space left on device" in report["error"] and "metrics.jsonl" in report["error"]
-    assert took < 60, (took, r.stderr[-2000:])
+    assert took < 60, (took, r.stderr[-8000:])  # a hung worker's stacks (fault_worker's faulthandler) included
