@@ -99,6 +99,9 @@ def test_import_export_and_sample_commands(tmp_path):
     assert (t == t[0]).all()  # greedy: every sample is the same image
     r = run("sample", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "g.png"), "--rows", "2")
     assert r.returncode == 2 and r.stderr.strip() == "igpt: error: --rows needs --complete-from"
+    r = run("sample", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "g.png"), "--cuda-graph",
+            "--device", "cpu")
+    assert r.returncode == 2 and r.stderr.strip() == "igpt: error: --cuda-graph needs a CUDA device, not cpu"
     r = run("import-hf", str(tmp_path / "nothing"), "--out", str(tmp_path / "ck2"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 

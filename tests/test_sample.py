@@ -208,3 +208,6 @@ def test_cuda_decoding_and_sampling(tmp_path):
     save_model(tmp_path / "ck", m, palette=rgb_palette(16))
     ids = sample_to_grid(tmp_path / "ck", 3, tmp_path / "g.png", seed=1, device="cuda")
     assert ids.shape == (3, 64) and (tmp_path / "g.png").stat().st_size > 0
+    graphed = sample_to_grid(tmp_path / "ck", 3, tmp_path / "g2.png", seed=1, device="cuda", cuda_graph=True, top_k=1)
+    assert np.array_equal(graphed, sample_to_grid(tmp_path / "ck", 3, tmp_path / "g3.png", seed=1, device="cuda",
+                                                  top_k=1))

@@ -181,13 +181,13 @@ def load_split(shards: str | Path, n_px: int, palette_size: int, palette=None) -
 def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_from: str | Path | None = None,
                    rows: int | None = None, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, tokens_out: str | Path | None = None, per_image: int = 4,
-                   device: str | None = None) -> np.ndarray:
+                   device: str | None = None, cuda_graph: bool = False) -> np.ndarray:
     """Sample ``n`` images from checkpoint ``ckpt`` and write a PNG grid; returns the ids (n, n_px^2) uint16.
 
     Unconditional: a grid of n images. With ``complete_from`` (token shards): the first ceil(n / per_image)
     images of the test split (else val) keep their top ``rows`` rows (default n_px // 2) and get per_image
     completions each; grid rows are original | top rows | completions. ``tokens_out`` saves the ids (.npy).
-    ``device`` None: CUDA when present, else CPU.
+    ``device`` None: CUDA when present, else CPU. ``cuda_graph``: see :func:`generate` (CUDA only).
     """
     from igpt.checkpoint import load_model
     from igpt.distributed import get_dist_info, pick_device
@@ -196,7 +196,10 @@ def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_fr
     if n < 1:
         raise IgptError(f"--n must be >= 1, got {n}")
     check_sampling(temperature, top_k, top_p)
-    model, palette = load_model(ckpt, device=pick_device(device, get_dist_info()))
+    dev = pick_device(device, get_dist_info())
+    if cuda_graph and dev.type != "cuda":
+        raise IgptError(f"--cuda-graph needs a CUDA device, not {dev}")
+    model, palette = load_model(ckpt, device=dev)
     cfg = model.config
     if not model.lm_head.weight.any():
         raise IgptError(f"{ckpt}: the output head is all zeros (an untrained model, or one imported from a "
@@ -221,7 +224,8 @@ def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_fr
         raise IgptError(f"{ckpt}: the checkpoint has no palette.npy, so samples cannot be turned into colours")
     if palette.k != cfg.palette_size:
         raise IgptError(f"palette has {palette.k} colours but the model has {cfg.palette_size}")
-    ids = generate(model, n, prefix=prefix, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    ids = generate(model, n, prefix=prefix, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   cuda_graph=cuda_graph)
     ids = ids.numpy().astype(np.uint16)
     imgs = tokens_to_images(ids, palette, cfg.n_px)
     if originals is None:
