@@ -32,8 +32,8 @@ if __name__ == "__main__":
     fault_rank, fault_step = int(fault_rank), int(fault_step)
     rank, restart = int(os.environ["RANK"]), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     report = {"restart": restart, "resumed_from": None, "error": None, "losses": {}}
-    if kind == "full":  # diagnosis of a rare hang in this case (2 of ~10 full runs on 2026-11-27): a process
-        # still alive after 90 s prints every thread's stack to stderr and exits, which the test then shows
+    if kind == "full":  # this case once hung now and then (a gloo teardown deadlock, fixed by exit_failed_rank):
+        # a process still alive after 90 s prints every thread's stack to stderr and exits; the test shows it
         import faulthandler
 
         faulthandler.dump_traceback_later(90, exit=True)
@@ -72,8 +72,7 @@ if __name__ == "__main__":
     except IgptError as e:
         report["error"] = str(e)
         (result / f"rank{rank}.json").write_text(json.dumps(report))
-        D.cleanup(started, sync=False)
-        sys.exit(2)
+        D.exit_failed_rank(2)  # as the igpt command ends a failed rank
     state = get_model_state_dict(res["model"], options=StateDictOptions(full_state_dict=True))
     save_file({k: v.detach().clone() for k, v in state.items()}, str(result / f"rank{rank}.safetensors"))
     report["losses"] = {str(k): v for k, v in res["losses"].items()}

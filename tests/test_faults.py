@@ -258,3 +258,28 @@ def test_a_failed_metrics_write_on_rank_0_stops_every_rank_promptly(shards, tmp_
     report = json.loads((tmp_path / "res" / "rank0.json").read_text())
     assert "No space left on device" in report["error"] and "metrics.jsonl" in report["error"]
     assert took < 60, (took, r.stderr[-8000:])  # a hung worker's stacks (fault_worker's faulthandler) included
+
+
+@pytest.mark.distributed
+def test_the_igpt_command_ends_every_rank_of_a_failed_distributed_run_promptly(shards, tmp_path):
+    """`torchrun -m igpt train` whose loss turns non-finite on every rank (lr 1e10): each rank prints the one-line
+    error and ends at once with exit code 2 (cli.failed -> distributed.exit_failed_rank), without tearing down
+    the process group (which can deadlock in torch's gloo destructor right after a collective)."""
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={port}", "-m", "igpt", "train", "--data", str(shards), "--preset", "tiny",
+                        "--steps", "20", "--warmup", "1", "--batch-size", "8", "--lr", "1e10", "--dtype", "fp32", "--eval-every", "0",
+                        "--no-progress", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=180, env=env)
+    took = time.monotonic() - t
+    assert r.returncode != 0
+    assert r.stderr.count("igpt: error: non-finite loss (") == 2, r.stderr[-3000:]  # one per rank
+    assert "exitcode  : 2" in r.stderr, r.stderr[-3000:]  # torchrun's report of the ranks' exit code
+    assert "Traceback" not in r.stderr.split("failed (exitcode")[0], r.stderr[-3000:]  # only torchrun's, after
+    assert took < 60, (took, r.stderr[-3000:])

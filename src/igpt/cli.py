@@ -439,16 +439,39 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except IgptError as e:
-        print(f"igpt: error: {e}", file=sys.stderr)
-        return 2
+        sys.stderr.write(f"igpt: error: {e}\n")  # one write: the ranks of a distributed run share the stream
+        return failed(2)
     except OSError as e:  # a path that cannot be read or written (a folder given as a file, no permission, a full
         # disk): the file system's own words, on one line; the writes are atomic, so nothing half-written stays
         where = e.filename2 or e.filename or ""  # a rename's target, else the file
-        print(f"igpt: error: {where}{': ' if where else ''}{e.strerror or e}", file=sys.stderr)
-        return 2
+        sys.stderr.write(f"igpt: error: {where}{': ' if where else ''}{e.strerror or e}\n")
+        return failed(2)
     except KeyboardInterrupt:
-        print("igpt: interrupted", file=sys.stderr)
-        return 130
+        sys.stderr.write("igpt: interrupted\n")
+        return failed(130)
+    except Exception:  # a bug, or a collective that failed with its peer: a distributed rank prints and ends here
+        if _in_process_group():
+            import traceback
+
+            traceback.print_exc()
+            failed(1)
+        raise
+
+
+def _in_process_group() -> bool:
+    from igpt.distributed import in_process_group  # torch is imported only by commands that use it
+
+    return "torch" in sys.modules and in_process_group()
+
+
+def failed(code: int) -> int:
+    """The exit code of a failed command. A rank of a distributed run ends here, while the error is still held
+    (releasing it can release the process group): see ``igpt.distributed.exit_failed_rank``."""
+    if _in_process_group():
+        from igpt.distributed import exit_failed_rank
+
+        exit_failed_rank(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ single-device code: ``wrap_model`` applies torch.compile / DDP / FSDP2 from the 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -75,16 +77,36 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
-def cleanup(started: bool, sync: bool = True) -> None:
-    """Stop the process group if this process started it. After success, a barrier first: a rank that tears
-    gloo down while another still talks to it can abort ('terminate called without an active exception', seen
-    in tests). After an error (``sync=False``) no barrier: the other ranks may be elsewhere."""
+def cleanup(started: bool) -> None:
+    """After success: stop the process group if this process started it, after a barrier (a rank that tears
+    gloo down while another still talks to it can abort: 'terminate called without an active exception', seen
+    in tests). After an error, leave the group alone and end the rank with ``exit_failed_rank``."""
     if started and dist.is_initialized():
         try:
-            if sync:
-                dist.barrier()
+            dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+def in_process_group() -> bool:
+    """True while this process is a rank of a started process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def exit_failed_rank(code: int) -> NoReturn:
+    """End a failed rank of a distributed run now: flush stdout and stderr, then ``os._exit(code)``, without
+    tearing down the process group or the interpreter. torch's gloo process group joins its worker threads
+    in its destructor while holding the GIL, and a worker still releasing the last collective's tensors waits
+    for the GIL: destroying the group right after a failed step deadlocked now and then (4 of 51 runs of
+    tests/test_faults.py's full-disk case on 2 loaded cores; the stacks showed exactly that), leaving the
+    other ranks in their next collective until the 30-minute timeout. Every file is already complete (the
+    writes are atomic, the run log closed); the kernel closes the sockets, and torchrun stops the other ranks."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def barrier() -> None:

@@ -120,7 +120,8 @@ def evaluate(model, tokens, mcfg: ImageGPTConfig, cfg: TrainConfig, micro: int, 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training. Returns {'losses': {step: loss}, 'val': {step: val_loss}, 'model': the
-    unwrapped model, 'checkpoint': last checkpoint path or None}."""
+    unwrapped model, 'checkpoint': last checkpoint path or None}. Under torchrun, an error leaves the process
+    group up: end the failed rank with ``igpt.distributed.exit_failed_rank`` (as the ``igpt`` command does)."""
     info = D.get_dist_info()
     micro, accum = cfg.layout(info.world_size)  # before anything else
     shards = load_shards(cfg.data)  # reads meta.json and the arrays' headers, not the data
@@ -152,16 +153,12 @@ def train(cfg: TrainConfig) -> dict:
     device = D.pick_device(cfg.device, info)
     dtype = pick_dtype(cfg.dtype, device)
     started = D.init_distributed(device)
-    try:
+    try:  # on an error the process group stays up: a failed rank ends with D.exit_failed_rank (the CLI does)
         result = _run(cfg, shards, mcfg, micro, accum, resume, device, dtype)
     except OSError as e:  # a full disk, a read-only or vanished --out: one line, not a traceback
-        D.cleanup(started, sync=False)
         last = latest_checkpoint(out / "checkpoints")
         raise IgptError(f"{e.filename or out}: {e.strerror or e}; training stopped"
                         + (f" (the last good checkpoint is {last})" if last else "")) from None
-    except BaseException:
-        D.cleanup(started, sync=False)
-        raise
     D.cleanup(started)
     return result
 
