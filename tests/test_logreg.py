@@ -159,3 +159,17 @@ def test_cuda_fit_matches_cpu_fit():
     assert gpu.W.device.type == "cuda"
     assert np.abs(gpu.W.cpu().numpy() - cpu.W.numpy()).max() < 1e-5
     assert gpu.accuracy(Z, y) == cpu.accuracy(Z, y)
+
+
+def test_fits_predict_applies_each_model_to_its_own_data_set():
+    """Fits.predict (every C in one product) against each fitted model applied on its own; X shared or per set."""
+    from igpt.logreg import Fits
+
+    g = torch.Generator().manual_seed(0)
+    G, P, K, d, m = 3, 4, 5, 7, 20
+    fits = Fits(torch.randn(G, P, K, d, generator=g), torch.randn(G, P, K, generator=g), np.zeros((G, P)),
+                np.zeros((G, P)))
+    for X in (torch.randn(G, m, d, generator=g), torch.randn(1, m, d, generator=g)):
+        want = np.array([[(X[min(i, len(X) - 1)] @ fits.W[i, p].T + fits.b[i, p]).argmax(-1).numpy() for p in range(P)]
+                         for i in range(G)])
+        assert np.array_equal(fits.predict(X.numpy()), want)

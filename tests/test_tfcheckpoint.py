@@ -185,5 +185,8 @@ def test_crafted_indexes_are_one_line_errors(tmp_path):
     for name, (entries, files, message) in cases.items():
         with pytest.raises(IgptError, match=message):
             TFCheckpoint(write(tmp_path / name, entries, files)).read("x")
+    for name, items in (("twice", [(b"x", good), (b"x", good)]), ("order", [(b"y", good), (b"x", good)])):
+        with pytest.raises(IgptError, match="repeated or out of order"):  # which one would count?
+            TFCheckpoint(write(tmp_path / name, items, [data]))
     with pytest.raises(IgptError, match="bundle header says"):  # the shard count as bytes
         TFCheckpoint(write(tmp_path / "hdr", {b"x": good}, [data], header=field(1, b"\x01")))

@@ -244,3 +244,28 @@ def test_adamw_is_fused_on_cpu_and_cuda_but_not_over_sharded_parameters():
     assert T.fused_adamw(torch.device("cpu")) is True and T.fused_adamw(torch.device("cuda")) is True
     assert T.fused_adamw(torch.device("cpu"), sharded=True) is None  # FSDP2's DTensors: torch's default
     assert T.fused_adamw(torch.device("meta")) is None
+
+
+def test_token_ids_outside_the_palette_are_refused_wherever_shards_are_read(shards, tmp_path):
+    """A damaged tokens file (or one of a larger palette) holding the id k (the start token's) or more: training,
+    evaluation and feature extraction stop with one line instead of reading it as SOS or past the table."""
+    import shutil
+
+    from igpt.evaluate import nll
+    from igpt.features import extract_features
+    from igpt.shards import load_shards
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    for split in ("train", "val"):
+        t = np.load(bad / f"{split}_tokens.npy", mmap_mode="r+")
+        t[0, 5] = 8  # the palette has 8 colours: ids 0..7
+        t.flush()
+        del t
+    with pytest.raises(IgptError, match="token id 8 in the shards is not a palette id"):
+        train(tiny(bad, tmp_path / "run", batch_size=len(load_shards(bad).tokens("train"))))
+    model = T.ImageGPT(T.resolve_model_config(tiny(bad, tmp_path / "x"), load_shards(bad).meta))
+    val = load_shards(bad).tokens("val")
+    for read in (lambda: nll(model, val), lambda: extract_features(model, val, [1])):
+        with pytest.raises(IgptError, match="not a palette id"):
+            read()

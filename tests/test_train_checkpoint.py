@@ -167,6 +167,17 @@ def test_cuda_bf16_compiled_training_learns_and_resumes(shards, tmp_path):
     assert next(model.parameters()).device.type == "cpu"
 
 
+@pytest.mark.gpu
+def test_the_rng_state_is_that_of_the_training_device():
+    """Saved and restored for the device trained on, not the current CUDA device (a 1-process run on cuda:1)."""
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    st = TS.rng_state(dev)
+    a = torch.rand(4, device=dev)
+    TS.set_rng_state(st, device=dev)
+    assert torch.equal(a, torch.rand(4, device=dev))
+    assert "cuda" not in TS.rng_state(torch.device("cpu"))
+
+
 def test_resume_drops_a_metrics_row_cut_short(shards, tmp_path):
     """A process killed (or a disk filled) while appending to metrics.jsonl leaves half a row as its last line:
     resuming drops it and goes on; a bad line elsewhere is a one-line error, not a JSON traceback."""

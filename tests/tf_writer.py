@@ -51,7 +51,7 @@ def _block(items) -> bytes:
     return bytes(body) + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")  # one restart point at 0
 
 
-def _table(kv: dict[bytes, bytes]) -> bytes:
+def _table(kv: dict[bytes, bytes] | list[tuple[bytes, bytes]]) -> bytes:
     data = bytearray()
 
     def put(b: bytes) -> bytes:  # a block, its type byte (0: uncompressed) and masked crc; -> its handle
@@ -59,17 +59,20 @@ def _table(kv: dict[bytes, bytes]) -> bytes:
         data.extend(b + b"\x00" + mask(crc32c(b + b"\x00")).to_bytes(4, "little"))
         return varint(off) + varint(len(b))
 
-    items = sorted(kv.items())
+    items = sorted(kv.items()) if isinstance(kv, dict) else list(kv)  # a list: in its own order, repeats kept
     handle = put(_block(items))
     meta = put(_block([]))
     index = put(_block([(items[-1][0] + b"\xff", handle)]))
     return bytes(data) + (meta + index).ljust(40, b"\x00") + TABLE_MAGIC.to_bytes(8, "little")
 
 
-def write(prefix: Path, entries: dict[bytes, bytes], data: list[bytes], header: bytes | None = None) -> Path:
-    """PREFIX.index and PREFIX.data-0000i-of-0000n (n = len(data)); returns the prefix."""
+def write(prefix: Path, entries: dict[bytes, bytes] | list[tuple[bytes, bytes]], data: list[bytes],
+          header: bytes | None = None) -> Path:
+    """PREFIX.index and PREFIX.data-0000i-of-0000n (n = len(data)); returns the prefix. ``entries`` as a list of
+    (key, value) is written in that order, repeats included (a damaged table)."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    kv = {b"": field(1, len(data)) if header is None else header, **entries}
+    head = field(1, len(data)) if header is None else header
+    kv = {b"": head, **entries} if isinstance(entries, dict) else [(b"", head), *entries]
     prefix.with_name(prefix.name + ".index").write_bytes(_table(kv))
     for i, d in enumerate(data):
         prefix.with_name(f"{prefix.name}.data-{i:05d}-of-{len(data):05d}").write_bytes(d)

@@ -19,6 +19,7 @@ import torch
 from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes
 from igpt.settings import check_seed
+from igpt.shards import check_ids
 
 EVAL_FILE = "eval.json"
 
@@ -81,7 +82,7 @@ def nll(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int 
     total, images = 0.0, 0
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)
-        px = torch.from_numpy(tokens[i:j].astype("int64")).to(device)
+        px = torch.from_numpy(check_ids(tokens[i:j].astype("int64"), cfg.palette_size)).to(device)
         m = None if masks is None else masks[i:j].to(device)
         w = scored_images(px, m)  # AR: every image (each has T tokens); BERT: the images with a masked pixel
         total += micro_loss(model, px, m, cfg).double().item() * w

@@ -18,6 +18,7 @@ import torch
 
 from igpt.io import atomic_write_bytes
 from igpt.model import ar_inputs
+from igpt.shards import check_ids
 
 
 @torch.no_grad()
@@ -27,7 +28,8 @@ def extract_features(model, tokens: np.ndarray, layers, batch_size: int = 64, de
     layers = sorted({int(x) for x in layers})
     out = {l: np.empty((len(tokens), cfg.n_embd), dtype=np.float32) for l in layers}  # noqa: E741
     for i in range(0, len(tokens), batch_size):
-        px = torch.from_numpy(np.asarray(tokens[i : i + batch_size]).astype(np.int64)).to(device)  # (B, T)
+        px = torch.from_numpy(check_ids(np.asarray(tokens[i : i + batch_size]).astype(np.int64), cfg.palette_size))
+        px = px.to(device)  # (B, T)
         idx = ar_inputs(px, cfg.sos_id) if cfg.mode == "ar" else px
         for l, f in model.features(idx, layers).items():  # noqa: E741
             out[l][i : i + len(px)] = f.float().cpu().numpy()  # (B, d)

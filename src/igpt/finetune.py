@@ -37,6 +37,7 @@ from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes
 from igpt.model import ar_inputs, ar_loss, bert_loss, bert_mask
 from igpt.settings import check_seed
+from igpt.shards import check_ids
 
 FINETUNE_FILE, CHECKPOINT_DIR = "finetune.json", "checkpoint"
 
@@ -121,7 +122,8 @@ def predict_proba(model, head, tokens: np.ndarray, masks: list[torch.Tensor] | N
     head.eval()
     out = []
     for i in range(0, len(tokens), batch_size):
-        px = torch.from_numpy(np.asarray(tokens[i : i + batch_size]).astype(np.int64)).to(device)  # (B, T)
+        px = torch.from_numpy(check_ids(np.asarray(tokens[i : i + batch_size]).astype(np.int64),
+                                        model.config.palette_size)).to(device)  # (B, T)
         members = [None] if masks is None else [m[i : i + len(px)].to(device) for m in masks]
         probs = sum(torch.softmax(joint_forward(model, head, px, m, with_gen=False)[0].double(), -1)
                     for m in members)
@@ -212,7 +214,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             order, pos = rng.permutation(len(tokens["train"])), 0
         idx = np.sort(order[pos : pos + cfg.batch_size])
         pos += cfg.batch_size
-        px = torch.from_numpy(tokens["train"][idx].astype(np.int64)).to(device)  # (B, T)
+        px = torch.from_numpy(check_ids(tokens["train"][idx].astype(np.int64), mcfg.palette_size)).to(device)
         lab = torch.from_numpy(y["train"][idx]).to(device)
         m = bert_mask(tuple(px.shape), g, cfg.bert_mask_prob).to(device) if bert else None
         loss, parts = joint_loss(model, head, px, lab, m, cfg.lambda_gen)

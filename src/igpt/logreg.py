@@ -82,7 +82,9 @@ class Fits:
         if X.ndim != 3 or X.shape[-1] != self.W.shape[-1] or X.shape[0] not in (1, self.W.shape[0]):
             raise IgptError(f"logistic regression: need X ({self.W.shape[0]} or 1, m, {self.W.shape[-1]}), "
                             f"got {tuple(X.shape)}")
-        return (X[:, None] @ self.W.transpose(-1, -2) + self.b[:, :, None]).argmax(-1).cpu().numpy()
+        G, P, K, d = self.W.shape  # every C of a data set in one product, without a copy of X per C
+        logits = (X @ self.W.permute(0, 3, 1, 2).reshape(G, d, P * K)).view(-1, X.shape[1], P, K) + self.b[:, None]
+        return logits.argmax(-1).transpose(1, 2).cpu().numpy()
 
     def accuracy(self, X, y) -> np.ndarray:
         """Fraction right per model, (G, P); y (G or 1, m)."""

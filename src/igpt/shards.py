@@ -59,6 +59,15 @@ class Shards:
         return x
 
 
+def check_ids(ids: np.ndarray, palette_size: int) -> np.ndarray:
+    """``ids`` (a batch read from a tokens file) unchanged, or IgptError if one is not a palette id: a damaged
+    file, or ids of a larger palette (the model would read one as the start token, or index past its table)."""
+    if ids.size and int(ids.max()) >= palette_size:
+        raise IgptError(f"token id {int(ids.max())} in the shards is not a palette id (< {palette_size}): the "
+                        "tokens file is damaged or was made with another palette")
+    return ids
+
+
 def load_shards(path: str | Path) -> Shards:
     """Open a shard directory made by ``prepare``, checking it is complete and consistent."""
     root = Path(path)

@@ -217,7 +217,10 @@ def read_table(path: Path) -> dict[bytes, bytes]:
         _block(data, (meta_off, meta_size), path, "metaindex block")
         table = {}
         for _, handle in _block_entries(_block(data, (index_off, index_size), path, "index block")):
-            table.update(_block_entries(_block(data, handle, path, "data block")))
+            for key, value in _block_entries(_block(data, handle, path, "data block")):
+                if table and key <= next(reversed(table)):  # a table's keys are unique and sorted
+                    raise ValueError(f"key {key[:60]!r} repeated or out of order")
+                table[key] = value
     except ValueError as e:
         raise IgptError(f"{path}: malformed index ({e})") from None
     return table

@@ -27,7 +27,7 @@ from igpt.loader import BatchStream
 from igpt.model import ImageGPT, ImageGPTConfig, ar_inputs, ar_loss, bert_loss, scored_images
 from igpt.presets import get_preset
 from igpt.schedule import lr_at
-from igpt.shards import load_shards
+from igpt.shards import check_ids, load_shards
 from igpt.train_config import TrainConfig, changed_fields
 from igpt.train_log import METRICS, PLOT, RunLog, bits
 from igpt.train_state import (
@@ -107,7 +107,7 @@ def evaluate(model, tokens, mcfg: ImageGPTConfig, cfg: TrainConfig, micro: int, 
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of per-image losses, images)
     for i in range(lo, lo + per, micro):
         j = min(i + micro, lo + per)
-        px = torch.from_numpy(tokens[i:j].astype("int64")).to(device)
+        px = torch.from_numpy(check_ids(tokens[i:j].astype("int64"), mcfg.palette_size)).to(device)
         m = None if masks is None else masks[i:j].to(device)
         with autocast():
             loss = micro_loss(model, px, m, mcfg)
@@ -203,7 +203,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         set_state_dict(wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(full_state_dict=True))
         rngs = state["rng"]
-        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0], str(resume / "rng.pt"))
+        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0], str(resume / "rng.pt"), device)
         start, best = state["meta"]["step"], state["meta"].get("best_val_loss")
     else:
         torch.manual_seed(cfg.seed + info.rank)  # dropout noise differs per rank
@@ -235,7 +235,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             pixels, mask = stream.batch_at(step, cfg.objective, cfg.bert_mask_prob, cfg.augment)  # (b, T)
-            pixels = pixels.to(device)
+            pixels = torch.from_numpy(check_ids(pixels.numpy(), mcfg.palette_size)).to(device)
             total = torch.zeros((), device=device)
             for k in range(accum):
                 sl = slice(k * micro, (k + 1) * micro)
@@ -284,7 +284,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                     log.log({"step": n, "val_loss": v, "val_bits": bits(v), "best_val_loss": best})
                 paused = True
             if (cfg.save_every and n % cfg.save_every == 0) or n == end:
-                last = _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root)
+                last = _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device)
                 paused = True
             if paused:
                 if log is not None:
@@ -298,11 +298,11 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
     return {"losses": losses, "val": vals, "model": model, "checkpoint": last, "step": max(start, end)}
 
 
-def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root) -> Path:
+def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device) -> Path:
     """Gather full states on every rank (collective), rank 0 writes, everyone waits for the rename."""
     info = D.get_dist_info()
     mstate, ostate = get_state_dict(wrapped, opt, options=full)
-    rngs = D.gather_objects(rng_state())
+    rngs = D.gather_objects(rng_state(device))
     path = ckpt_root / f"step-{n:06d}"
     error = None
     if info.is_main:

@@ -44,18 +44,19 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def rng_state() -> dict:
-    """This process's RNG states, as tensors / ints / lists only (safe for weights_only loading)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's RNG states, as tensors / ints / lists only (safe for weights_only loading); with a CUDA
+    ``device``, also that device's generator (not the current device's: a 1-process run on cuda:1)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     py = random.getstate()
     st = {"python": [py[0], list(py[1]), py[2]], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
                                                            has_gauss, gauss], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.cuda.get_rng_state()
+    if device is not None and device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
     return st
 
 
-def _restore(st: dict, py, npr, torch_set, cuda: bool, source: str) -> None:
+def _restore(st: dict, py, npr, torch_set, cuda: torch.device | None, source: str) -> None:
     """Apply saved states to the given generators (the process's, or throw-away ones to check them)."""
     try:
         v, keys, g = st["python"]
@@ -63,22 +64,22 @@ def _restore(st: dict, py, npr, torch_set, cuda: bool, source: str) -> None:
         kind, keys, pos, has_gauss, gauss = st["numpy"]
         npr.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         torch_set(st["torch"])
-        if cuda and "cuda" in st and torch.cuda.is_available():
-            torch.cuda.set_rng_state(st["cuda"])
+        if cuda is not None and cuda.type == "cuda" and "cuda" in st:
+            torch.cuda.set_rng_state(st["cuda"], cuda)
     except (TypeError, ValueError, RuntimeError, OverflowError, KeyError, IndexError, AttributeError) as e:
         raise IgptError(f"{source}: damaged RNG state ({type(e).__name__}: {e})") from None
 
 
-def set_rng_state(st: dict, source: str = "the checkpoint") -> None:
-    """Restore what rng_state() saved; IgptError naming ``source`` when the saved states are damaged."""
-    _restore(st, random, np.random, torch.set_rng_state, True, source)
+def set_rng_state(st: dict, source: str = "the checkpoint", device: torch.device | None = None) -> None:
+    """Restore what rng_state(device) saved; IgptError naming ``source`` when the saved states are damaged."""
+    _restore(st, random, np.random, torch.set_rng_state, device, source)
 
 
 def check_rng_state(st: dict, source: str) -> None:
     """IgptError naming ``source`` unless ``st`` applies cleanly, tried on throw-away generators (so a damaged
     state makes its checkpoint unreadable when it is loaded, and ``--resume auto`` falls back)."""
     py = random.Random()  # noqa: S311 - a scratch generator to try the state on, not for secrets
-    _restore(st, py, np.random.RandomState(), torch.Generator().set_state, False, source)
+    _restore(st, py, np.random.RandomState(), torch.Generator().set_state, None, source)
 
 
 def save_train_checkpoint(ckpt_root: Path, model_state: dict, model_cfg, palette, optim_state: dict,
