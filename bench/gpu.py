@@ -129,7 +129,7 @@ def train_case(cfg, impl: str, batch: int, dtype: torch.dtype, compiled: bool, s
         model = None
     tok = batch * cfg.seq_len / s
     row.update(step_s=round(s, 4), tokens_per_s=round(tok), tflops=round(tok * flops_tok / 1e12, 1),
-               mfu=round(tok * flops_tok / (peak_tflops * 1e12), 3) if peak_tflops else None,
+               mfu=float(f"{tok * flops_tok / (peak_tflops * 1e12):.3g}") if peak_tflops else None,  # 3 figures: tiny CPU runs too
                peak_memory_gb=peak_memory_gb(device))
     print(f"# train {row}", file=sys.stderr)
     return row
