@@ -207,3 +207,18 @@ def test_eval_of_imported_model_is_the_openai_loss(expected, tmp_path):
     lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
     nll = lse - np.take_along_axis(lg, expected["tokens"][..., None], -1)[..., 0]
     assert res["nats_per_token"] == pytest.approx(nll.mean(), abs=1e-5)
+
+
+def test_one_hot_labels_are_read_in_chunks(tmp_path, monkeypatch):
+    """A one-hot label file is checked and decoded a chunk of rows at a time (ImageNet's trY would otherwise
+    take several times its size in temporaries); rows in a later chunk count the same."""
+    import igpt.openai as O
+
+    monkeypatch.setattr(O, "LABEL_CHUNK", 4)
+    y = np.eye(5, dtype=np.uint8)[np.arange(11) % 5]
+    np.save(tmp_path / "y.npy", y, allow_pickle=False)
+    np.testing.assert_array_equal(O._labels(tmp_path / "y.npy", 11), np.arange(11) % 5)
+    y[9, 0] = 1  # two classes in a row of the last chunk
+    np.save(tmp_path / "y.npy", y, allow_pickle=False)
+    with pytest.raises(IgptError, match="must be one-hot"):
+        O._labels(tmp_path / "y.npy", 11)

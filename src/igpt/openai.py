@@ -215,12 +215,19 @@ def _load(f: Path) -> np.ndarray:
         raise IgptError(f"{f}: not a readable .npy array ({e})") from None
 
 
+LABEL_CHUNK = 1 << 14  # one-hot rows checked at a time
+
+
 def _labels(f: Path, n: int) -> np.ndarray:
-    y = np.asarray(_load(f))
-    if y.ndim == 2:  # OpenAI's are one-hot (N, classes)
-        if not np.all((y == 0) | (y == 1)) or not np.all(y.sum(1) == 1):
-            raise IgptError(f"{f}: a 2-D label array must be one-hot")
-        y = y.argmax(1)
+    y = _load(f)
+    if y.ndim == 2:  # OpenAI's are one-hot (N, classes): checked in chunks (ImageNet's trY is 1.28M x 1000)
+        out = np.empty(len(y), dtype=np.int64)
+        for i in range(0, len(y), LABEL_CHUNK):
+            c = np.asarray(y[i:i + LABEL_CHUNK])
+            if not np.all((c == 0) | (c == 1)) or not np.all(c.sum(1) == 1):
+                raise IgptError(f"{f}: a 2-D label array must be one-hot")
+            out[i:i + len(c)] = c.argmax(1)
+        y = out
     if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
         raise IgptError(f"{f}: expected {n} integer labels or a one-hot ({n}, classes) array, got {y.dtype} {y.shape}")
     return y.astype(np.int64)
