@@ -1,5 +1,5 @@
 """Run by tests/test_distributed.py under torchrun: train(cfg) on this rank, then write what the test compares:
-RESULT_DIR/rank{r}.json (losses per step) and RESULT_DIR/rank{r}.safetensors (the full parameters as this
+RESULT_DIR/rank{r}.json (losses per step, and 4 draws of the torch generator after training) and RESULT_DIR/rank{r}.safetensors (the full parameters as this
 rank holds them: gathered for FSDP2)."""
 
 from __future__ import annotations
@@ -25,5 +25,7 @@ if __name__ == "__main__":
     state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}
     rank = D.get_dist_info().rank
     save_file(state, str(result / f"rank{rank}.safetensors"))
-    (result / f"rank{rank}.json").write_text(json.dumps({str(k): v for k, v in res["losses"].items()}))
+    draws = torch.rand(4).tolist()  # this rank's torch generator after training: ranks must differ (dropout)
+    (result / f"rank{rank}.json").write_text(json.dumps({"losses": {str(k): v for k, v in res["losses"].items()},
+                                                         "draws": draws}))
     D.cleanup(started)

@@ -36,8 +36,9 @@ def single(shards, tmp_path_factory):
     return out, res["losses"], {k: v.detach().clone() for k, v in res["model"].state_dict().items()}
 
 
-def torchrun(cfg: TrainConfig, result: Path) -> list[dict]:
-    """Run tests/dist_worker.py on 2 ranks; returns [(losses, params)] per rank."""
+def torchrun(cfg: TrainConfig, result: Path, draws: list | None = None) -> list[dict]:
+    """Run tests/dist_worker.py on 2 ranks; returns [(losses, params)] per rank (and appends each rank's draws of
+    its torch generator after training to ``draws``)."""
     result.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -47,8 +48,11 @@ def torchrun(cfg: TrainConfig, result: Path) -> list[dict]:
                         f"--master_port={port}", str(WORKER), json.dumps(cfg.to_dict()), str(result)],
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return [({int(k): v for k, v in json.loads((result / f"rank{i}.json").read_text()).items()},
-             load_file(result / f"rank{i}.safetensors")) for i in (0, 1)]
+    reports = [json.loads((result / f"rank{i}.json").read_text()) for i in (0, 1)]
+    if draws is not None:
+        draws.extend(r["draws"] for r in reports)
+    return [({int(k): v for k, v in r["losses"].items()}, load_file(result / f"rank{i}.safetensors"))
+            for i, r in enumerate(reports)]
 
 
 def param_gap(a: torch.Tensor, b: torch.Tensor, name: str) -> float:
@@ -79,9 +83,11 @@ def test_two_ranks_match_one_and_checkpoints_move_between_them(shards, single, t
     res = train(config(shards, tmp_path / "two-to-one", resume=str(tmp_path / "two" / "checkpoints" / "step-000010")))
     assert sorted(res["losses"]) == list(range(11, 21)) and close(res["losses"], one_losses, range(11, 21)) <= 1e-5, (
         res["losses"], one_losses)
-    # saved by 1 rank at step 10 -> resumed by 2
+    # saved by 1 rank at step 10 -> resumed by 2; the ranks' dropout generators differ again (one saved state)
+    draws = []
     (l0, p0), (l1, p1) = torchrun(config(shards, tmp_path / "one-to-two", fsdp=fsdp,
-                                         resume=str(one_out / "checkpoints" / "step-000010")), tmp_path / "res12")
+                                         resume=str(one_out / "checkpoints" / "step-000010")), tmp_path / "res12", draws)
+    assert draws[0] != draws[1]
     assert sorted(l0) == list(range(11, 21)) and close(l0, one_losses, range(11, 21)) <= 1e-5, (l0, one_losses)
     assert all(torch.equal(p0[k], p1[k]) for k in p0)
     diff = {k: param_gap(p0[k], one_params[k], k) for k in p0}

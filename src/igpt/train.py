@@ -203,8 +203,11 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         set_state_dict(wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(full_state_dict=True))
         rngs = state["rng"]
-        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0], str(resume / "rng.pt"), device)
+        same = len(rngs) == info.world_size
+        set_rng_state(rngs[info.rank] if same else rngs[0], str(resume / "rng.pt"), device)
         start, best = state["meta"]["step"], state["meta"].get("best_val_loss")
+        if not same:  # another rank count: one saved state for all, so reseed to keep dropout noise per rank
+            torch.manual_seed(((cfg.seed + info.rank) * 1_000_003 + start) % (1 << 63))
     else:
         torch.manual_seed(cfg.seed + info.rank)  # dropout noise differs per rank
     stream = BatchStream(shards.tokens("train"), shards.n_px, cfg.batch_size, cfg.seed, info.rank, info.world_size)
