@@ -8,6 +8,9 @@
 # runs first and the quality run drops --compile unless compiled gradients equal eager ones), BENCH_TIMEOUT (200).
 # On a machine still warm, a rerun of the quality part continues from runs/gpu_quality: training resumes
 # from its last checkpoint (to the planned step count), then the probe.
+# Measured on one H100 (2026-11-27): the first call's start-up plus PARTS=tests,bench took 284 s of the lease
+# (tests 65 s, bench ~180 s); the quality part costs --minutes plus ~90 s (prepare 3 s, the compile warm-up,
+# test NLL, the probe 65-81 s). A 15-minute lease fits tests + bench + about 6.5 minutes of pretraining.
 set -u
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR [DATA_DIR]}
 data=${2:-../shared/data}
