@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under torchrun: train(cfg) on this rank, then write what the test compares:
-RESULT_DIR/rank{r}.json (losses per step, and 4 draws of the torch generator after training) and RESULT_DIR/rank{r}.safetensors (the full parameters as this
-rank holds them: gathered for FSDP2)."""
+RESULT_DIR/rank{r}.json (losses per step, and 4 draws of the torch generator after training) and
+RESULT_DIR/rank{r}.safetensors (the full parameters as this rank holds them: gathered for FSDP2)."""
 
 from __future__ import annotations
 
