@@ -238,7 +238,8 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             for group in opt.param_groups:
                 group["lr"] = lr
             pixels, mask = stream.batch_at(step, cfg.objective, cfg.bert_mask_prob, cfg.augment)  # (b, T)
-            pixels = torch.from_numpy(check_ids(pixels.numpy(), mcfg.palette_size)).to(device)
+            check_ids(pixels.numpy(), mcfg.palette_size)
+            pixels = pixels.to(device)
             total = torch.zeros((), device=device)
             for k in range(accum):
                 sl = slice(k * micro, (k + 1) * micro)
