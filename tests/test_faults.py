@@ -203,16 +203,20 @@ def test_non_finite_loss_at_step_k_changes_nothing(shards, tmp_path, monkeypatch
 
 
 # -- two ranks under torchrun ------------------------------------------------------------------------------
-def torchrun(cfg: TrainConfig, result: Path, fault: str, *extra: str) -> subprocess.CompletedProcess:
-    result.mkdir(parents=True, exist_ok=True)
+def launch(*args: str) -> subprocess.CompletedProcess:
+    """torchrun with 2 local ranks (gloo, a free port) and ``args`` (its options, then the program)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *extra,
-                           "--master_addr=127.0.0.1", f"--master_port={port}", str(WORKER),
-                           json.dumps(cfg.to_dict()), str(result), fault],
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_addr=127.0.0.1", f"--master_port={port}", *args],
                           capture_output=True, text=True, timeout=180, env=env)
+
+
+def torchrun(cfg: TrainConfig, result: Path, fault: str, *extra: str) -> subprocess.CompletedProcess:
+    result.mkdir(parents=True, exist_ok=True)
+    return launch(*extra, str(WORKER), json.dumps(cfg.to_dict()), str(result), fault)
 
 
 @pytest.mark.distributed
@@ -267,16 +271,10 @@ def test_the_igpt_command_ends_every_rank_of_a_failed_distributed_run_promptly(s
     the process group (which can deadlock in torch's gloo destructor right after a collective)."""
     import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     t = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                        f"--master_port={port}", "-m", "igpt", "train", "--data", str(shards), "--preset", "tiny",
-                        "--steps", "20", "--warmup", "1", "--batch-size", "8", "--lr", "1e10", "--dtype", "fp32", "--eval-every", "0",
-                        "--no-progress", "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=180, env=env)
+    r = launch("-m", "igpt", "train", "--data", str(shards), "--preset", "tiny", "--steps", "20", "--warmup", "1",
+               "--batch-size", "8", "--lr", "1e10", "--dtype", "fp32", "--eval-every", "0", "--no-progress",
+               "--out", str(tmp_path / "run"))
     took = time.monotonic() - t
     assert r.returncode != 0
     assert r.stderr.count("igpt: error: non-finite loss (") == 2, r.stderr[-3000:]  # one per rank
