@@ -82,6 +82,25 @@ def test_every_case_is_documented_and_rendered():
         assert case in run.__doc__
 
 
+@pytest.mark.parametrize("bf16_gflops, want", [(56.5, "n/a"), (2442.0, False)])
+def test_the_bf16_target_applies_only_where_bf16_is_faster(bf16_gflops, want):
+    """An MFU over an emulated bf16 peak (a CPU without avx512_bf16 / AMX: bf16 matmuls slower than fp32) says
+    nothing: the target table marks it n/a instead of met; where bf16 is faster it is judged as usual."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import README_table
+    finally:
+        sys.path.remove(str(BENCH))
+    case = {"ours": {"tok_s": 900.0}, "reference": {"tok_s": 300.0}, "ratio": 3.0, "mfu": 0.3, "mfu_reference": 0.1}
+    res = {"matmul_peak": {"threads": 2, "fp32": {"gflops": 221.0}, "bf16": {"gflops": bf16_gflops}},
+           "train_s32_bf16": case, "train_s32": case}
+    met = {(case, label.split(" ")[0]): m for case, label, _, m in README_table.targets(res)}
+    assert met[("train_s32_bf16", "MFU")] == want
+    assert met[("train_s32", "MFU")] is False  # the fp32 targets are judged either way
+    table = README_table.markdown(res)
+    assert ("n/a: bf16 is slower than fp32" in table) == (want == "n/a")
+
+
 @pytest.mark.slow
 def test_quality_script_records_recipe_baselines_and_targets(tmp_path):
     """bench/quality.py on 600 + 200 bundled images at 8x8 (a 3-step tiny model): stdout is one JSON object
