@@ -11,7 +11,7 @@ from PIL import Image
 from igpt.errors import IgptError
 from igpt.images import convert_channels, decode_image, to_square
 from igpt.kmeans import fit_palette
-from igpt.palette import Palette, cell_candidates, nearest, nearest_rgb, pack_rgb, to_unit
+from igpt.palette import CELL, Palette, cell_candidates, nearest, nearest_rgb, pack_rgb, to_unit
 
 
 def test_quantize_dequantize_round_trip(rng):
@@ -41,7 +41,7 @@ def test_cell_search_equals_the_full_search(k, seed):
     if k >= 16:
         centres[:4] = [[-1, -1, -1], [1, 1, 1], [-1, 1, -1], [0.0, 0.0, 0.0]]
         centres[k // 2] = centres[3]  # an exact duplicate: the lower id must win everywhere
-    v = np.r_[0, 15, 16, 17, 127, 128, 255]  # cell borders and the cube's faces
+    v = np.r_[0, CELL - 1, CELL, CELL + 1, 127, 128, 255]  # cell borders and the cube's faces
     grid = np.stack(np.meshgrid(v, v, v, indexing="ij"), -1).reshape(-1, 3)
     rgb = np.concatenate([rng.integers(0, 256, (50_000, 3)), grid]).astype(np.uint8)
     codes = pack_rgb(rgb)

@@ -63,14 +63,17 @@ def nearest(points: np.ndarray, centres: np.ndarray, margin: float = 1e-4) -> np
     return out
 
 
-CELL = 16  # the RGB cube's cells for the nearest-colour search: 16 levels a side, 4,096 cells
+# the RGB cube's cells for the nearest-colour search: 32 levels a side, 512 cells. With 16 (4,096 cells, ~7 of
+# 512 centres each instead of ~28) the per-cell loop and the candidate bounds cost more than the longer
+# candidate lists save (a fresh 512-colour table over 1,966 real images: 25% faster with 32 on 2 cores)
+CELL = 32
 
 
 def cell_candidates(centres: np.ndarray) -> np.ndarray:
-    """(4096, k) bool: for each cell of the RGB cube (CELL levels a side), the centres that can be nearest to a
-    colour in it: those whose distance to the cell's box is at most the smallest distance any centre has to
-    the box's farthest corner (+1e-9, far above the rounding of either form). The nearest centre of a colour
-    in the cell always lies among them (about 7 of 512 for a palette fitted to photos)."""
+    """((256 / CELL)^3, k) bool: for each cell of the RGB cube (CELL levels a side), the centres that can be
+    nearest to a colour in it: those whose distance to the cell's box is at most the smallest distance any
+    centre has to the box's farthest corner (+1e-9, far above the rounding of either form). The nearest centre
+    of a colour in the cell always lies among them (about 28 of 512 for a palette fitted to photos)."""
     c = np.asarray(centres, dtype=np.float64)
     n = 256 // CELL
     lo, hi = to_unit(np.arange(n) * CELL), to_unit(np.arange(n) * CELL + CELL - 1)  # per axis, (n,)
@@ -93,6 +96,7 @@ def nearest_rgb(codes: np.ndarray, centres: np.ndarray, candidates: np.ndarray) 
     ~1/10 of the time for k = 512."""
     c = np.asarray(centres, dtype=np.float64)
     c2 = np.einsum("kc,kc->k", c, c)
+    m2c = -2.0 * c.T  # (3, k): a @ (-2 c^T) is exactly -2 (a @ c^T) (a power-of-two scale), one pass fewer
     r, g, b = (codes >> 16) & 255, (codes >> 8) & 255, codes & 255
     n = 256 // CELL
     cell = (((r // CELL) * n + g // CELL) * n + b // CELL).astype(np.uint16)
@@ -104,7 +108,9 @@ def nearest_rgb(codes: np.ndarray, centres: np.ndarray, candidates: np.ndarray) 
     found = np.empty(len(codes), dtype=np.int64)
     for s, e in zip(starts, ends):
         ids = np.flatnonzero(candidates[cells[s]])  # ascending, so argmin's first minimum is the lowest id
-        found[s:e] = ids[(c2[ids][None, :] - 2.0 * (pts[s:e] @ c[ids].T)).argmin(axis=1)]
+        d = pts[s:e] @ m2c[:, ids]  # (n, m)
+        d += c2[ids]  # = c2 - 2 a.c, bit for bit
+        found[s:e] = ids[d.argmin(axis=1)]
     out = np.empty(len(codes), dtype=np.int64)
     out[order] = found
     return out
@@ -173,14 +179,19 @@ class Palette:
         codes = images[..., 0] if self.channels == 1 else pack_rgb(images)
         ids = lut[codes]
         missing = ids == _MISSING
-        if missing.any():
+        n_missing = np.count_nonzero(missing)
+        if n_missing:
+            miss = codes[missing]
             seen = np.zeros(1 << 24, dtype=bool)  # the distinct missing codes, sorted: 10x faster than np.unique
-            seen[codes[missing]] = True
+            seen[miss] = True
             todo = np.flatnonzero(seen)
             if self._candidates is None:
                 self._candidates = cell_candidates(self.centers)
             lut[todo] = nearest_rgb(todo, self.centers, self._candidates)
-            ids[missing] = lut[codes[missing]]
+            if 2 * n_missing > missing.size:  # mostly new colours (a fresh table): one plain gather is cheaper
+                ids = lut[codes]
+            else:
+                ids[missing] = lut[miss]
         return ids
 
     def dequantize(self, ids: np.ndarray) -> np.ndarray:
