@@ -63,6 +63,20 @@ def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     save_model(tmp_path / "empty", tiny_model())
 
 
+@pytest.mark.parametrize("config", ['{"model_type": "imagegpt", "n_embd": 512}', '{"name": "thesis"}', "not json"])
+def test_a_config_json_of_someone_else_does_not_make_a_folder_ours(tmp_path, config):
+    """A folder is replaced only when its config.json is an igpt model's: a Hugging Face model folder or any
+    project with a config.json of its own is refused, and nothing in it is touched (it was deleted before)."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "config.json").write_text(config)
+    (tmp_path / "proj" / "thesis.tex").write_text("years of work")
+    with pytest.raises(IgptError, match="igpt did not write; refusing"):
+        save_model(tmp_path / "proj", tiny_model())
+    assert sorted(p.name for p in (tmp_path / "proj").iterdir()) == ["config.json", "thesis.tex"]
+    save_model(tmp_path / "ck", tiny_model())  # a checkpoint of ours is replaced as before
+    save_model(tmp_path / "ck", tiny_model(seed=1))
+
+
 def test_errors_name_the_bad_file(tmp_path):
     ck = tmp_path / "ck"
     with pytest.raises(IgptError, match="checkpoint not found"):

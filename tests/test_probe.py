@@ -196,6 +196,26 @@ def test_run_probe_refuses_empty_splits_and_absent_classes(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_class_count_never_comes_from_test_labels(tmp_path):
+    """K (softmax rows; for two classes also the penalty's scale) from the class names or train + val: a test
+    label above them used to add a class and so change the fits that val chooses from; now it is refused."""
+    from igpt_testutil import tiny_model
+
+    from igpt.checkpoint import save_model
+    from igpt.shards import class_count
+
+    y = {"train": np.array([0, 1, 1]), "val": np.array([1, 0]), "test": np.array([0, 1])}
+    assert class_count(y, None, "d") == 2 and class_count(y, ["a", "b", "c"], "d") == 3
+    with pytest.raises(IgptError, match="test label 2 is outside the 2 classes of train and val"):
+        class_count({**y, "test": np.array([2, 0])}, None, "d")
+    assert class_count({**y, "test": np.array([2, 0])}, ["a", "b", "c"], "d") == 3
+    sh = write_shards(tmp_path / "sh")
+    np.save(sh / "test_labels.npy", np.load(sh / "test_labels.npy") + 5)  # labels 5..7: no such class
+    ck = save_model(tmp_path / "ck", tiny_model(n_px=4, palette_size=6), Palette.load(sh / "palette.npy"))
+    with pytest.raises(IgptError, match="test label 7 is outside the 3 classes"):
+        run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out")))
+
+
 def test_baseline_reads_the_pixels_before_quantization(tmp_path):
     from igpt_testutil import tiny_model
 

@@ -169,6 +169,32 @@ def test_an_empty_val_split_reports_no_validation_loss(shards, tmp_path):
     assert rows and not any("val_loss" in r for r in rows)
 
 
+def test_tokens_per_s_counts_training_time_only(shards, tmp_path, monkeypatch):
+    """A clock that steps take 1 s of each and a checkpoint 1000 s (the one at step 3, inside the first logging
+    interval): every logged tokens_per_s is exactly one batch of tokens per second. The pause neither counts
+    (a rate near 0) nor drops the steps before it from the time while keeping their tokens (2x: the old bug)."""
+    import types
+
+    clock = [0.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=T.time.monotonic))
+    batch_at, save = BatchStream.batch_at, T._save
+
+    def timed_batch(self, *a, **kw):
+        clock[0] += 1.0
+        return batch_at(self, *a, **kw)
+
+    def slow_save(*a, **kw):
+        clock[0] += 1000.0 if a[6] == 3 else 0.0  # a[6]: the step being saved
+        return save(*a, **kw)
+
+    monkeypatch.setattr(BatchStream, "batch_at", timed_batch)
+    monkeypatch.setattr(T, "_save", slow_save)
+    train(tiny(shards, tmp_path / "run", steps=12, log_every=6, save_every=3))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+    assert len(rates) == 2 and rates == pytest.approx([8 * 64] * 2)  # batch 8 x 8x8 pixels per 1-s step
+
+
 @pytest.mark.parametrize("objective, augment", [("ar", False), ("bert", True)])
 def test_run_directory_and_learning(shards, tmp_path, objective, augment):
     out = tmp_path / "run"

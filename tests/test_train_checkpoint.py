@@ -139,6 +139,25 @@ def test_resume_refuses_another_model_and_changed_settings(shards, tmp_path):
         train(tiny(shards, tmp_path / "other", resume=str(tmp_path / "nothing")))
 
 
+def test_resume_knows_the_shards_by_content_not_by_path(shards, tmp_path):
+    """The same shards under another path resume (the path was compared and refused them); other shards under
+    the run's own path are refused (they resumed silently: another split, other token meanings)."""
+    import shutil
+
+    from igpt.prepare import PrepareConfig, prepare
+
+    moved = tmp_path / "moved"
+    shutil.copytree(shards, moved)
+    train(tiny(moved, tmp_path / "run", steps=4, stop_at=2))
+    shutil.rmtree(moved)
+    shutil.copytree(shards, tmp_path / "elsewhere")
+    res = train(tiny(tmp_path / "elsewhere", tmp_path / "run", steps=4, stop_at=3, resume="auto"))
+    assert sorted(res["losses"]) == [3]
+    prepare(PrepareConfig(out=str(moved), data="fashion-mnist-mini", n_px=8, palette_size=8, val_fraction=0.2))
+    with pytest.raises(IgptError, match=r"cannot resume on other shards: .* differs from the run's in counts"):
+        train(tiny(moved, tmp_path / "run", steps=4, resume="auto"))
+
+
 def test_resume_auto_without_checkpoint_starts_fresh(shards, tmp_path):
     res = train(tiny(shards, tmp_path / "run", steps=2, resume="auto"))
     assert sorted(res["losses"]) == [1, 2]

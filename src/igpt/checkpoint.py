@@ -37,7 +37,7 @@ def save_model(path: str | Path, model: ImageGPT, palette=None, heads: dict[str,
     from igpt.palette import Palette
 
     path = Path(path)
-    check_replaceable(path, (MODEL_FILE, CONFIG_FILE))
+    check_replaceable(path, {CONFIG_FILE: "palette_size"})
     cfg = model.config
     pal = None
     if palette is not None:

@@ -153,7 +153,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     budget = cfg.minutes * 60
     out = Path(cfg.out)
-    check_replaceable(out, (MARKER,))
+    check_replaceable(out, {MARKER: "config"})
     if out.exists():
         shutil.rmtree(out)  # an old demo (it holds our marker): start clean
     out.mkdir(parents=True)

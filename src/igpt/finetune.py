@@ -37,7 +37,7 @@ from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes
 from igpt.model import ar_inputs, ar_loss, bert_loss, bert_mask
 from igpt.settings import check_seed
-from igpt.shards import check_ids
+from igpt.shards import check_ids, class_count
 
 FINETUNE_FILE, CHECKPOINT_DIR = "finetune.json", "checkpoint"
 
@@ -170,7 +170,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise IgptError(f"--out {cfg.out} exists and is not a directory")
-    check_replaceable(out / CHECKPOINT_DIR, ("model.safetensors", "config.json"))
+    check_replaceable(out / CHECKPOINT_DIR, {"config.json": "palette_size"})  # a model checkpoint
     shards = load_shards(cfg.data)
     splits = ("train", "val", "test")
     missing = [s for s in splits if s not in shards.splits or shards.labels(s) is None]
@@ -189,8 +189,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     empty = [s for s in splits if len(tokens[s]) == 0]
     if empty:
         raise IgptError(f"{cfg.data}: fine-tuning needs images in train, val and test; empty: {', '.join(empty)}")
-    names = shards.meta.get("class_names")
-    n_classes = max(len(names) if names else 0, max(int(v.max()) + 1 for v in y.values() if len(v)))
+    n_classes = class_count(y, shards.meta.get("class_names"), cfg.data)
     bert = mcfg.mode == "bert"
     masks = {s: eval_masks(len(tokens[s]), mcfg.seq_len, cfg.mask_ensemble, cfg.bert_mask_prob, cfg.seed)
              if bert else None for s in ("val", "test")}

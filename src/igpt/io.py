@@ -109,20 +109,30 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_replaceable(path: Path, markers: tuple[str, ...]) -> None:
+def check_replaceable(path: Path, markers: dict[str, str]) -> None:
     """Refuse to overwrite something that is not an (old) output of ours: a file, or a non-empty directory
-    holding none of ``markers`` (the files our own outputs always have). Replacing a directory deletes
-    it, so a wrong --out must not cost data."""
+    without one of ``markers`` ({JSON file our outputs always have: a key it always holds}). A file of that
+    name alone is not enough: `config.json` is a common name (a Hugging Face model folder, a user's project).
+    Replacing a directory deletes it, so a wrong --out must not cost data."""
     if not path.exists():
         return
     if not path.is_dir():
         raise IgptError(f"{path} exists and is not a directory; choose another output path")
     entries = list(path.iterdir())
-    # a marker, or the temporary of one that atomic_write_bytes left when killed before its rename (the
-    # first write of a run): both mean the directory is ours
-    ours = any((path / m).is_file() or any(_temporaries(path, m)) for m in markers)
+    # a marker of ours, or the temporary of one that atomic_write_bytes left when killed before its rename
+    # (the first write of a run): both mean the directory is ours
+    ours = any(_json_has(path / m, key) or any(_temporaries(path, m)) for m, key in markers.items())
     if entries and not ours:
         raise IgptError(f"{path} is a non-empty directory that igpt did not write; refusing to replace it")
+
+
+def _json_has(f: Path, key: str) -> bool:
+    """Whether ``f`` is a JSON object file with ``key`` (False for anything else, unreadable included)."""
+    try:
+        d = json.loads(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(d, dict) and key in d
 
 
 def read_json(path: str | Path):

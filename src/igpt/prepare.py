@@ -196,7 +196,7 @@ class TokenWriter:
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Build token shards as described in the module docstring; returns the meta.json content."""
-    check_replaceable(Path(cfg.out), ("meta.json",))  # before any work: never replace a folder we did not write
+    check_replaceable(Path(cfg.out), {"meta.json": "palette_sha256"})  # before any work: never replace a folder we did not write
     if cfg.data.startswith(OPENAI_NPY):  # OpenAI's arrays are palette ids already: no decoding or quantizing
         from igpt.openai import prepare_openai_npy
 

@@ -173,7 +173,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import check_compatible
     from igpt.features import cache_key, cached_features, concat_layers, pixel_features, raw_pixel_features
-    from igpt.shards import load_shards
+    from igpt.shards import class_count, load_shards
 
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise IgptError(f"--out {cfg.out} exists and is not a directory")
@@ -191,7 +191,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     empty = [s for s in splits if len(y[s]) == 0]
     if empty:
         raise IgptError(f"{cfg.data}: the probe needs images in train, val and test; empty: {', '.join(empty)}")
-    n_classes = int(max(int(v.max()) for v in y.values())) + 1
+    n_classes = class_count(y, shards.meta.get("class_names"), cfg.data)
     counts = np.bincount(y["train"], minlength=n_classes)  # every class, those absent from train included
     if cfg.labels_per_class and max(cfg.labels_per_class) > counts.min():  # fail before any feature is computed
         raise IgptError(f"--labels-per-class {max(cfg.labels_per_class)}: class {int(counts.argmin())} has "

@@ -68,6 +68,18 @@ def check_ids(ids: np.ndarray, palette_size: int) -> np.ndarray:
     return ids
 
 
+def class_count(y: dict[str, np.ndarray], class_names: list | None, what: str) -> int:
+    """The number of classes a probe or head is fitted for: the data's class names, else 1 + the largest
+    label of train and val. Never from test: its labels would change the fit (an extra softmax row, and for two
+    classes the penalty's scale) and so the choices made on val. A test label outside them is refused."""
+    fitted = [int(y[s].max()) + 1 for s in ("train", "val") if len(y.get(s, ()))]
+    k = max([len(class_names) if class_names else 0, *fitted])
+    test = y.get("test")
+    if test is not None and len(test) and int(test.max()) >= k:
+        raise IgptError(f"{what}: test label {int(test.max())} is outside the {k} classes of train and val")
+    return k
+
+
 def load_shards(path: str | Path) -> Shards:
     """Open a shard directory made by ``prepare``, checking it is complete and consistent."""
     root = Path(path)

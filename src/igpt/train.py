@@ -133,7 +133,7 @@ def train(cfg: TrainConfig) -> dict:
     if (out / "model.safetensors").exists():  # its config.json is a model's, not a run's: never write over it
         raise IgptError(f"{out} holds a model (model.safetensors), not a training run; choose another --out")
     if resume is not None and cfg.resume != "auto":
-        check_replaceable(out, (CONFIG_FILE,))  # an explicit --resume DIR writes into --out: it must be ours
+        check_replaceable(out, {CONFIG_FILE: "train"})  # an explicit --resume DIR writes into --out: it must be ours
         at = checkpoint_step(resume)  # from its name, else from its train_state.json (a copy under another name)
         if at is None and (resume / "train_state.json").is_file():
             try:
@@ -146,7 +146,7 @@ def train(cfg: TrainConfig) -> dict:
             raise IgptError(f"--resume {resume} (step {at}): {out / 'checkpoints'} holds later checkpoints "
                             f"({', '.join(newer)}) of another branch; move them away or choose another --out")
     if info.is_main and resume is None:
-        check_replaceable(out, (CONFIG_FILE,))
+        check_replaceable(out, {CONFIG_FILE: "train"})
         if latest_checkpoint(out / "checkpoints") is not None:
             raise IgptError(f"{out} already holds a run with checkpoints; continue it with --resume auto, "
                             "or choose another --out")
@@ -197,6 +197,14 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             remove_leftovers(ckpt_root)
     if state is not None:
         bad = changed_fields(state["meta"]["train_config"], cfg)
+        saved_shards = state["meta"].get("shards")  # checkpoints since 2026-11-27 (twelfth session)
+        if saved_shards is not None:  # the data by content, not by the path it was given as
+            bad = [k for k in bad if k != "data"]
+            now = shards_identity(shards)
+            differ = sorted(k for k in now if saved_shards.get(k) != now[k])
+            if differ:
+                raise IgptError(f"{resume}: cannot resume on other shards: {cfg.data} differs from the run's in "
+                                + ", ".join(f"{k} ({saved_shards.get(k)} -> {now[k]})" for k in differ))
         if bad:
             raise IgptError(f"{resume}: cannot resume with changed settings {bad} (saved: "
                             f"{ {k: state['meta']['train_config'].get(k) for k in bad} })")
@@ -229,7 +237,9 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
     T = mcfg.seq_len
     losses, vals, last = {}, {}, resume  # a run already at its end returns the checkpoint it resumed from
-    t0, tok0 = time.perf_counter(), 0
+    # throughput over training time only: t0 starts the current stretch of steps, busy holds the earlier
+    # stretches of this logging interval (validation passes and checkpoints between them do not count)
+    t0, tok0, busy = time.perf_counter(), 0, 0.0
     began = time.monotonic()
     try:
         for step in range(start, end):
@@ -277,9 +287,9 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                 now = time.perf_counter()
                 if log is not None:
                     log.log({"step": n, "tokens": n * cfg.batch_size * T, "loss": loss_val, "bits": bits(loss_val),
-                             "lr": lr, "grad_norm": gn_val, "tokens_per_s": tok0 / (now - t0)})
-                t0, tok0 = now, 0  # the time spent logging counts in the next interval
-            paused = False
+                             "lr": lr, "grad_norm": gn_val, "tokens_per_s": tok0 / (busy + now - t0)})
+                t0, tok0, busy = now, 0, 0.0  # the time spent logging counts in the next interval
+            paused, stop = False, time.perf_counter()
             if val is not None and ((cfg.eval_every and n % cfg.eval_every == 0) or n == cfg.steps):
                 v = evaluate(wrapped, val, mcfg, cfg, micro, device, autocast)
                 vals[n] = v
@@ -293,6 +303,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             if paused:
                 if log is not None:
                     log.plot()
+                busy += stop - t0
                 t0 = time.perf_counter()  # throughput counts training time only
             if n == end:
                 break
@@ -300,6 +311,13 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         if log is not None:
             log.close()
     return {"losses": losses, "val": vals, "model": model, "checkpoint": last, "step": max(start, end)}
+
+
+def shards_identity(shards) -> dict:
+    """What a resume must find unchanged in the training data, whatever path names it: the palette (its
+    hash), the split sizes and the resolution. The path alone let other shards at the same path resume (other
+    token meanings, another data order) and refused the same shards given by another path."""
+    return {"palette_sha256": shards.palette.hash, "counts": dict(shards.meta["counts"]), "n_px": shards.n_px}
 
 
 def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device) -> Path:
@@ -312,7 +330,7 @@ def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device) -> 
     if info.is_main:
         meta = {"step": n, "tokens_seen": n * cfg.batch_size * mcfg.seq_len, "samples_seen": n * cfg.batch_size,
                 "world_size": info.world_size, "best_val_loss": best, "train_config": cfg.to_dict(),
-                "model_config": mcfg.to_dict(), "igpt_version": __version__}
+                "model_config": mcfg.to_dict(), "shards": shards_identity(shards), "igpt_version": __version__}
         try:
             save_train_checkpoint(ckpt_root, mstate, mcfg, shards.palette, ostate, rngs, meta, cfg.keep)
         except OSError as e:  # disk full, read-only or vanished directory; the previous checkpoints are intact

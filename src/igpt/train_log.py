@@ -111,6 +111,7 @@ def loss_png(rows: list[dict], in_bits: bool = False) -> bytes:
         ax.plot(*zip(*va), "o-", label="val")
     ax.set_xlabel("step")
     ax.set_ylabel(f"loss ({'bits' if in_bits else 'nats'} / token)")
-    ax.legend()
+    if tr or va:  # a checkpoint before the first logged step plots no line yet (legend() would warn)
+        ax.legend()
     ax.grid(alpha=0.3)
     return figure_png(fig)
