@@ -50,6 +50,33 @@ def test_replaces_an_old_checkpoint_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temp or old dirs left behind
 
 
+@pytest.mark.parametrize("swap", [True, False])
+def test_a_directory_is_replaced_in_one_swap_where_the_system_can(tmp_path, monkeypatch, swap):
+    """atomic_dir swaps the new directory in with one renameat2(RENAME_EXCHANGE) on Linux (there is no moment
+    without the directory, as two renames have); without it (``swap`` False), the two renames still end right."""
+    import sys
+
+    import igpt.io as io
+
+    if swap and not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux only")
+    calls = []
+    real = io.exchange
+    monkeypatch.setattr(io, "exchange", lambda a, b: calls.append(1) or (real(a, b) if swap else False))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_text("a")
+    (tmp_path / "b" / "x").write_text("b")
+    if swap:
+        assert real(tmp_path / "a", tmp_path / "b")  # two existing directories trade places
+        assert (tmp_path / "a" / "x").read_text() == "b" and (tmp_path / "b" / "x").read_text() == "a"
+    for text in ("one", "two"):
+        with io.atomic_dir(tmp_path / "d") as t:
+            (t / "f").write_text(text)
+    assert (tmp_path / "d" / "f").read_text() == "two" and len(calls) == 1  # the second write replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "d"]  # no temporary or old copy left
+
+
 def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "precious.txt").write_text("x")

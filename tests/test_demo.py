@@ -110,7 +110,7 @@ def test_demo_refuses_a_foreign_output_folder(demo_run, tmp_path, capsys):
 def test_demo_replaces_an_old_demo_and_rejects_unlabelled_data(tmp_path, capsys):
     old = tmp_path / "o"  # an earlier demo's folder (it holds the demo's marker): replaced, stale files gone
     old.mkdir()
-    (old / "demo.json").write_text("{}")
+    (old / "demo.json").write_text('{"config": {}}')  # a demo's marker holds its config
     (old / "stale.txt").write_text("from an earlier run")
     x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
     np.save(tmp_path / "x.npy", x)

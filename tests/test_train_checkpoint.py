@@ -228,6 +228,20 @@ def test_a_train_state_without_its_settings_is_an_unreadable_checkpoint(shards, 
         TS.load_train_checkpoint(ck, load_model(ck)[0].config)
 
 
+def test_an_explicit_resume_into_another_run_is_refused(shards, tmp_path):
+    """--resume A's checkpoint with --out B (another run, another seed) mixed the two: B's metrics rows and
+    checkpoints beside A's. Refused, naming what differs, with B untouched; into A's own folder it resumes."""
+    train(tiny(shards, tmp_path / "a", steps=6, stop_at=4, save_every=2))
+    train(tiny(shards, tmp_path / "b", steps=6, stop_at=2, save_every=2, seed=7))
+    before = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    ck = tmp_path / "a" / "checkpoints" / "step-000004"
+    with pytest.raises(IgptError, match=r"holds another run \(its seed differ"):
+        train(tiny(shards, tmp_path / "b", steps=6, save_every=2, resume=str(ck)))
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == before
+    res = train(tiny(shards, tmp_path / "a", steps=6, save_every=2, resume=str(ck)))
+    assert sorted(res["losses"]) == [5, 6]
+
+
 def test_an_explicit_resume_never_writes_over_another_branch_or_a_foreign_folder(shards, tmp_path):
     """--resume DIR of an older step into a run that has later checkpoints would overwrite them and then prune
     the new ones by step number (leaving `latest` pointing at nothing); into a folder igpt did not write, it

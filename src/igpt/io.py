@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 import tokenize
 import zipfile
@@ -97,16 +101,49 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         for d in sorted((d for d in tmp.rglob("*") if d.is_dir()), reverse=True) + [tmp]:
             fsync_dir(d)  # the directories' entries too, before the rename makes them the new ``path``
         old = None
-        if path.exists():
+        if not path.exists():
+            os.replace(tmp, path)
+        elif not exchange(tmp, path):  # (exchanged: ``path`` is the new version, tmp the old, removed below)
+            # no atomic swap on this system: the old version moves aside first (a crash in between leaves it
+            # there, under its .old name, and ``path`` missing)
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
+            os.replace(tmp, path)
         fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """libc's renameat2, or None (not Linux, or a libc without it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def exchange(a: str | Path, b: str | Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE): a crash leaves one or
+    the other arrangement, never ``b`` missing. False where the system or the file system cannot swap."""
+    fn = _renameat2()
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):  # not supported here: fall back
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def check_replaceable(path: Path, markers: dict[str, str]) -> None:

@@ -28,7 +28,7 @@ from igpt.model import ImageGPT, ImageGPTConfig, ar_inputs, ar_loss, bert_loss, 
 from igpt.presets import get_preset
 from igpt.schedule import lr_at
 from igpt.shards import check_ids, load_shards
-from igpt.train_config import TrainConfig, changed_fields
+from igpt.train_config import RESUMABLE_CHANGES, TrainConfig, changed_fields
 from igpt.train_log import METRICS, PLOT, RunLog, bits
 from igpt.train_state import (
     checkpoint_step,
@@ -134,6 +134,7 @@ def train(cfg: TrainConfig) -> dict:
         raise IgptError(f"{out} holds a model (model.safetensors), not a training run; choose another --out")
     if resume is not None and cfg.resume != "auto":
         check_replaceable(out, {CONFIG_FILE: "train"})  # an explicit --resume DIR writes into --out: it must be ours
+        _check_same_run(out, resume)
         at = checkpoint_step(resume)  # from its name, else from its train_state.json (a copy under another name)
         if at is None and (resume / "train_state.json").is_file():
             try:
@@ -311,6 +312,23 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         if log is not None:
             log.close()
     return {"losses": losses, "val": vals, "model": model, "checkpoint": last, "step": max(start, end)}
+
+
+def _check_same_run(out: Path, resume: Path) -> None:
+    """An explicit --resume DIR into an --out that holds a run: it must be the checkpoint's own run (the
+    settings that shape a run equal, the data compared by content when resuming), else its metrics and
+    checkpoints would mix with the other run's. A damaged or missing file is left to the loading that follows."""
+    try:
+        there = read_json(out / CONFIG_FILE).get("train") if (out / CONFIG_FILE).is_file() else None
+        ours = read_json(resume / "train_state.json").get("train_config")
+    except (IgptError, AttributeError):
+        return
+    if not isinstance(there, dict) or not isinstance(ours, dict):
+        return
+    differ = sorted(k for k in ours if k not in RESUMABLE_CHANGES and k != "data" and there.get(k) != ours[k])
+    if differ:
+        raise IgptError(f"--resume {resume}: {out} holds another run (its {', '.join(differ)} differ from the "
+                        "checkpoint's); choose another --out")
 
 
 def shards_identity(shards) -> dict:
