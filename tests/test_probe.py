@@ -4,6 +4,7 @@ feature extraction in one pass, and `run_probe` end to end on a tiny checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -260,7 +261,17 @@ def test_feature_cache_is_reused_extended_and_invalidated(tmp_path, monkeypatch)
     again = F.cached_features(model, tokens, [0, 1, 2], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
     assert calls == [[0, 2], [1]]  # the second call computes only the missing layer
     assert all(np.array_equal(first[i], again[i]) for i in (0, 2)) and set(again) == {0, 1, 2}
-    save_model(ck, model, sh.palette)  # new weights file: the cache no longer applies
+    save_model(ck, model, sh.palette)  # the same weights written anew: still the same features
+    F.cached_features(model, tokens, [0], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
+    assert len(calls) == 2
+    # other weights of the same shape copied over with the old file's timestamp (cp -p, rsync -a, an archive):
+    # same path, size and mtime, which was all the key held of the weights; now their hash tells them apart
+    w = ck / "model.safetensors"
+    st = w.stat()
+    other = save_model(tmp_path / "other", tiny_model(seed=5, n_px=4, palette_size=6), sh.palette)
+    shutil.copyfile(other / "model.safetensors", w)
+    os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (w.stat().st_size, w.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     F.cached_features(model, tokens, [0], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
     assert calls[-1] == [0] and not (cache / "val_layer2.npy").exists()
     # shards prepared anew at the same path with as many images and the same palette: other tokens, other key

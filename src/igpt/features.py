@@ -71,18 +71,26 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, n_classes: int | None 
 
 
 def cache_key(checkpoint: str | Path, shards, split: str) -> dict:
-    """What the cached features of one split depend on: the model (its weights file's path, size and mtime, and
-    its config) and the split's tokens (the file's path, size and mtime: shards prepared anew at the same path
-    with as many images are other data), with the palette."""
+    """What the cached features of one split depend on: the model (its weights file's content hash and its
+    config) and the split's tokens (the file's content hash: shards prepared anew at the same path with as many
+    images are other data), with the palette. Path, size and mtime alone could not tell a checkpoint of the same
+    shape copied over with its timestamp (`cp -p`, `rsync -a`, an archive) from the one the cache was made for."""
     w = Path(checkpoint) / "model.safetensors"
-    st = w.stat()
     cfg = Path(checkpoint) / "config.json"
     tokens = Path(shards.root) / f"{split}_tokens.npy"
-    ts = tokens.stat()
-    return {"weights": str(w.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+    return {"weights_sha256": file_sha256(w),
             "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None,
-            "tokens": str(tokens.resolve()), "tokens_size": ts.st_size, "tokens_mtime_ns": ts.st_mtime_ns,
+            "tokens_sha256": file_sha256(tokens),
             "palette_sha256": shards.palette.hash, "count": int(shards.meta["counts"][split]), "split": split}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 16 MiB chunks (~1-2 s per GB: small beside extracting features)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cached_features(model, tokens, layers, batch_size: int, device, cache_dir: Path | None, key: dict):
