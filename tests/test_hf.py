@@ -77,6 +77,21 @@ def test_export_loads_in_transformers_and_round_trips(tmp_path):
     assert np.allclose(pal.centers, rgb_palette(20))
 
 
+def test_export_replaces_an_old_export_but_not_another_hugging_face_model(tmp_path):
+    """--out that holds an earlier ImageGPT export is replaced; a folder of another Hugging Face model (its
+    config.json has a model_type too) is refused and left as it was."""
+    save_model(tmp_path / "ck", tiny_model(seed=4, n_px=4, n_embd=12, n_head=2, palette_size=6))
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    export_hf(tmp_path / "ck", tmp_path / "hf")  # an old export of ours: replaced
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+    (bert / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(IgptError, match="igpt did not write"):
+        export_hf(tmp_path / "ck", bert)
+    assert sorted(p.name for p in bert.iterdir()) == ["config.json", "model.safetensors"]
+
+
 def test_a_float32_palette_survives_export_and_import_with_its_hash(tmp_path):
     """JSON stores the palette as float64; float32 values come back as float32, so the shards prepared with the
     palette still match the round-tripped checkpoint (the hash includes the dtype)."""

@@ -198,7 +198,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
     if not cfg.causal:
         raise IgptError(f"{ckpt}: a BERT-mode model cannot be exported: transformers' ImageGPT is causal only")
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, {"config.json": "model_type"})
+    check_replaceable(out_dir, {"config.json": ("model_type", "imagegpt")})  # not another kind of HF model
     heads = load_heads(ckpt)
     state, hc = ours_to_hf_state(model), our_config_to_hf(cfg)
     score = heads.pop("score", None)

@@ -146,11 +146,11 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def check_replaceable(path: Path, markers: dict[str, str]) -> None:
+def check_replaceable(path: Path, markers: dict[str, str | tuple[str, object]]) -> None:
     """Refuse to overwrite something that is not an (old) output of ours: a file, or a non-empty directory
-    without one of ``markers`` ({JSON file our outputs always have: a key it always holds}). A file of that
-    name alone is not enough: `config.json` is a common name (a Hugging Face model folder, a user's project).
-    Replacing a directory deletes it, so a wrong --out must not cost data."""
+    without one of ``markers`` ({JSON file our outputs always have: a key it always holds, or (key, value)}).
+    A file of that name alone is not enough: `config.json` is a common name (a Hugging Face model folder, a
+    user's project). Replacing a directory deletes it, so a wrong --out must not cost data."""
     if not path.exists():
         return
     if not path.is_dir():
@@ -163,12 +163,15 @@ def check_replaceable(path: Path, markers: dict[str, str]) -> None:
         raise IgptError(f"{path} is a non-empty directory that igpt did not write; refusing to replace it")
 
 
-def _json_has(f: Path, key: str) -> bool:
-    """Whether ``f`` is a JSON object file with ``key`` (False for anything else, unreadable included)."""
+def _json_has(f: Path, key: str | tuple[str, object]) -> bool:
+    """Whether ``f`` is a JSON object file with ``key`` (a (key, value) pair: with that value); False for
+    anything else, unreadable included."""
     try:
         d = json.loads(f.read_text()) if f.is_file() else None
     except (OSError, ValueError, UnicodeDecodeError):
         return False
+    if isinstance(key, tuple):
+        return isinstance(d, dict) and key[0] in d and d[key[0]] == key[1]
     return isinstance(d, dict) and key in d
 
 
