@@ -159,11 +159,16 @@ def test_probe_config_is_validated():
         ProbeConfig("c", "d", "o", layers="0,3").layer_list(2)
 
 
-def test_run_probe_end_to_end(tmp_path):
+def test_run_probe_end_to_end(tmp_path, monkeypatch):
     from igpt_testutil import tiny_model
 
+    import igpt.features as F
     from igpt.checkpoint import save_model
 
+    def no_hashing(path):  # without --cache, no file is hashed (a cache key reads every byte of weights and tokens)
+        raise AssertionError(f"hashed {path} without a cache")
+
+    monkeypatch.setattr(F, "file_sha256", no_hashing)
     sh = write_shards(tmp_path / "sh")
     ck = save_model(tmp_path / "ck", tiny_model(n_px=4, palette_size=6), Palette.load(sh / "palette.npy"))
     res = run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out"), concat=1, labels_per_class=(3,),
@@ -257,12 +262,12 @@ def test_feature_cache_is_reused_extended_and_invalidated(tmp_path, monkeypatch)
     calls = []
     real = F.extract_features
     monkeypatch.setattr(F, "extract_features", lambda m, t, ls, *a: calls.append(list(ls)) or real(m, t, ls, *a))
-    first = F.cached_features(model, tokens, [0, 2], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
-    again = F.cached_features(model, tokens, [0, 1, 2], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
+    first = F.cached_features(model, tokens, [0, 2], 16, "cpu", cache, F.cache_keys(ck, sh, ["val"])["val"])
+    again = F.cached_features(model, tokens, [0, 1, 2], 16, "cpu", cache, F.cache_keys(ck, sh, ["val"])["val"])
     assert calls == [[0, 2], [1]]  # the second call computes only the missing layer
     assert all(np.array_equal(first[i], again[i]) for i in (0, 2)) and set(again) == {0, 1, 2}
     save_model(ck, model, sh.palette)  # the same weights written anew: still the same features
-    F.cached_features(model, tokens, [0], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
+    F.cached_features(model, tokens, [0], 16, "cpu", cache, F.cache_keys(ck, sh, ["val"])["val"])
     assert len(calls) == 2
     # other weights of the same shape copied over with the old file's timestamp (cp -p, rsync -a, an archive):
     # same path, size and mtime, which was all the key held of the weights; now their hash tells them apart
@@ -272,12 +277,12 @@ def test_feature_cache_is_reused_extended_and_invalidated(tmp_path, monkeypatch)
     shutil.copyfile(other / "model.safetensors", w)
     os.utime(w, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (w.stat().st_size, w.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    F.cached_features(model, tokens, [0], 16, "cpu", cache, F.cache_key(ck, sh, "val"))
+    F.cached_features(model, tokens, [0], 16, "cpu", cache, F.cache_keys(ck, sh, ["val"])["val"])
     assert calls[-1] == [0] and not (cache / "val_layer2.npy").exists()
     # shards prepared anew at the same path with as many images and the same palette: other tokens, other key
     n = len(calls)
     shutil.rmtree(sh.root)
     sh2 = load_shards(write_shards(tmp_path / "sh", seed=1))
-    fresh = F.cached_features(model, sh2.tokens("val"), [0], 16, "cpu", cache, F.cache_key(ck, sh2, "val"))
+    fresh = F.cached_features(model, sh2.tokens("val"), [0], 16, "cpu", cache, F.cache_keys(ck, sh2, ["val"])["val"])
     assert len(calls) == n + 1
     assert np.array_equal(fresh[0], real(model, sh2.tokens("val"), [0], 16, "cpu")[0])

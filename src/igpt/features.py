@@ -70,18 +70,18 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, n_classes: int | None 
     return np.sort(np.concatenate(picks))
 
 
-def cache_key(checkpoint: str | Path, shards, split: str) -> dict:
-    """What the cached features of one split depend on: the model (its weights file's content hash and its
-    config) and the split's tokens (the file's content hash: shards prepared anew at the same path with as many
-    images are other data), with the palette. Path, size and mtime alone could not tell a checkpoint of the same
-    shape copied over with its timestamp (`cp -p`, `rsync -a`, an archive) from the one the cache was made for."""
-    w = Path(checkpoint) / "model.safetensors"
+def cache_keys(checkpoint: str | Path, shards, splits) -> dict[str, dict]:
+    """What the cached features of each split depend on: the model (its weights file's content hash and its
+    config; hashed once for all splits) and the split's tokens (the file's content hash: shards prepared anew at
+    the same path with as many images are other data), with the palette. Path, size and mtime alone could not
+    tell a checkpoint of the same shape copied over with its timestamp (`cp -p`, `rsync -a`, an archive) from
+    the one the cache was made for. Only for a cache: the hashes read every byte of those files."""
     cfg = Path(checkpoint) / "config.json"
-    tokens = Path(shards.root) / f"{split}_tokens.npy"
-    return {"weights_sha256": file_sha256(w),
-            "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None,
-            "tokens_sha256": file_sha256(tokens),
-            "palette_sha256": shards.palette.hash, "count": int(shards.meta["counts"][split]), "split": split}
+    model = {"weights_sha256": file_sha256(Path(checkpoint) / "model.safetensors"),
+             "config_sha256": hashlib.sha256(cfg.read_bytes()).hexdigest() if cfg.is_file() else None}
+    return {s: {**model, "tokens_sha256": file_sha256(Path(shards.root) / f"{s}_tokens.npy"),
+                "palette_sha256": shards.palette.hash, "count": int(shards.meta["counts"][s]), "split": s}
+            for s in splits}
 
 
 def file_sha256(path: Path) -> str:
@@ -93,9 +93,9 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def cached_features(model, tokens, layers, batch_size: int, device, cache_dir: Path | None, key: dict):
+def cached_features(model, tokens, layers, batch_size: int, device, cache_dir: Path | None, key: dict | None):
     """extract_features, reusing CACHE_DIR/{split}_layer{l}.npy written for the same ``key`` (missing layers
-    are computed in one pass and added). cache_dir None: no cache."""
+    are computed in one pass and added). cache_dir None: no cache (and no key needed)."""
     if cache_dir is None:
         return extract_features(model, tokens, layers, batch_size, device)
     split = key["split"]

@@ -172,7 +172,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     from igpt.checkpoint import load_model
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import check_compatible
-    from igpt.features import cache_key, cached_features, concat_layers, pixel_features, raw_pixel_features
+    from igpt.features import cache_keys, cached_features, concat_layers, pixel_features, raw_pixel_features
     from igpt.shards import class_count, load_shards
 
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
@@ -199,8 +199,9 @@ def run_probe(cfg: ProbeConfig) -> dict:
     cache = Path(cfg.out) / "features" if cfg.cache else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-    feats = {s: cached_features(model, shards.tokens(s), layers, cfg.batch_size, device, cache,
-                                cache_key(cfg.checkpoint, shards, s)) for s in splits}
+    keys = cache_keys(cfg.checkpoint, shards, splits) if cache is not None else dict.fromkeys(splits)
+    feats = {s: cached_features(model, shards.tokens(s), layers, cfg.batch_size, device, cache, keys[s])
+             for s in splits}
     kw = {"max_iter": cfg.max_iter, "device": device}
     res = probe_protocol(feats["train"], y["train"], feats["val"], y["val"], feats["test"], y["test"], cfg.Cs,
                          n_classes, **kw)
