@@ -266,6 +266,20 @@ def test_a_new_run_removes_what_a_killed_write_left_and_nothing_else(shards, tmp
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 2
 
 
+def test_a_numbered_device_under_torchrun_is_refused():
+    """--device cuda:1 with several torchrun processes would put every rank on one GPU: refused by name (the
+    device need not exist: the check comes first); 'cuda' takes each rank's LOCAL_RANK, and cpu stays allowed."""
+    from igpt.distributed import DistInfo, pick_device
+
+    for name in ("cuda:1", "cuda:0"):
+        with pytest.raises(IgptError, match=f"--device {name}: under torchrun \\(2 processes\\)"):
+            pick_device(name, DistInfo(rank=1, local_rank=1, world_size=2))
+    assert pick_device("cpu", DistInfo(rank=1, local_rank=1, world_size=2)) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(IgptError, match="not usable on this machine"):  # one process: an index is fine
+            pick_device("cuda:1", DistInfo(rank=0, local_rank=0, world_size=1))
+
+
 def test_adamw_is_fused_on_cpu_and_cuda_but_not_over_sharded_parameters():
     assert T.fused_adamw(torch.device("cpu")) is True and T.fused_adamw(torch.device("cuda")) is True
     assert T.fused_adamw(torch.device("cpu"), sharded=True) is None  # FSDP2's DTensors: torch's default

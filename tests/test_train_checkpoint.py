@@ -158,6 +158,54 @@ def test_resume_knows_the_shards_by_content_not_by_path(shards, tmp_path):
         train(tiny(moved, tmp_path / "run", steps=4, resume="auto"))
 
 
+def test_resume_keeps_the_precision_the_run_trained_in(shards, tmp_path, monkeypatch):
+    """Checkpoints record the resolved dtype. --dtype auto means bf16 on a CPU with native bf16 and fp32
+    elsewhere: resuming a run elsewhere must not change its precision silently (it did: the saved word 'auto'
+    matched), and an explicit --dtype that names the run's precision resumes it."""
+    import igpt.train as T
+
+    run = tmp_path / "run"
+    train(tiny(shards, run, steps=4, stop_at=2, dtype="auto"))  # whatever auto is here: pin it below
+    saved = json.loads((latest_checkpoint(run / "checkpoints") / "train_state.json").read_text())["dtype"]
+    other = {"float32": ("bf16", torch.bfloat16), "bfloat16": ("fp32", torch.float32)}[saved]
+    flag = {"float32": "fp32", "bfloat16": "bf16"}[saved]
+    monkeypatch.setattr(T, "pick_dtype", lambda name, device: other[1])  # another machine: auto means the other
+    with pytest.raises(IgptError, match=f"the run trained in {saved}, but --dtype auto means .* on this cpu; "
+                                        f"resume with --dtype {flag} to keep its precision"):
+        train(tiny(shards, run, steps=4, stop_at=3, dtype="auto", resume="auto"))
+    monkeypatch.undo()
+    with pytest.raises(IgptError, match=f"the run trained in {saved}, but --dtype {other[0]} means"):
+        train(tiny(shards, run, steps=4, stop_at=3, dtype=other[0], resume="auto"))
+    res = train(tiny(shards, run, steps=4, stop_at=3, dtype=flag, resume="auto"))  # 'auto' -> its meaning: fine
+    assert sorted(res["losses"]) == [3]
+
+
+def test_metrics_rows_are_durable_before_each_checkpoint(shards, tmp_path, monkeypatch):
+    """metrics.jsonl is fsynced after its last row and before every checkpoint is written: a power loss could
+    otherwise keep a checkpoint but drop rows logged before it (the page cache holds them), and the resumed run
+    would have a gap (flush alone reaches the OS, not the disk)."""
+    import os
+
+    import igpt.train as T
+    import igpt.train_log as TL
+
+    events, fsync, log, save = [], os.fsync, TL.RunLog.log, T.save_train_checkpoint
+
+    def record_fsync(fd):
+        events.append(("fsync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(TL.RunLog, "log", lambda self, row: (events.append(("row", row["step"])), log(self, row)))
+    monkeypatch.setattr(T, "save_train_checkpoint", lambda *a: (events.append(("save", a[-2]["step"])), save(*a)))
+    train(tiny(shards, tmp_path / "run", steps=4, save_every=2, eval_every=2))
+    saves = [i for i, e in enumerate(events) if e[0] == "save"]
+    assert [events[i][1] for i in saves] == [2, 4]
+    for i in saves:
+        last_row = max(j for j in range(i) if events[j][0] == "row")
+        assert ("fsync", "metrics.jsonl") in events[last_row:i], events
+
+
 def test_resume_auto_without_checkpoint_starts_fresh(shards, tmp_path):
     res = train(tiny(shards, tmp_path / "run", steps=2, resume="auto"))
     assert sorted(res["losses"]) == [1, 2]

@@ -43,13 +43,18 @@ def get_dist_info() -> DistInfo:
 
 
 def pick_device(requested: str | None, info: DistInfo) -> torch.device:
-    """'cuda' -> this rank's GPU; None -> CUDA when present, else CPU. A name torch does not know, or a device
-    this machine lacks, is an IgptError naming it."""
+    """'cuda' -> this rank's GPU; None -> CUDA when present, else CPU. A name torch does not know, a device
+    this machine lacks, or a numbered accelerator under torchrun (every rank would take that one device) is an
+    IgptError naming it."""
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device("cuda", info.local_rank) if name == "cuda" else torch.device(name)
     except (RuntimeError, ValueError):
         raise IgptError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if info.distributed and device.type != "cpu" and name != device.type:
+        raise IgptError(f"--device {name}: under torchrun ({info.world_size} processes) every rank would use this "
+                        f"one device; give --device {device.type} (each rank takes its LOCAL_RANK's device; "
+                        f"choose the cards with CUDA_VISIBLE_DEVICES)")
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:

@@ -76,6 +76,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' / 'float32': how config.json and checkpoints record the dtype a run trains in."""
+    return str(dtype).removeprefix("torch.")
+
+
 def find_resume(cfg: TrainConfig) -> Path | None:
     if cfg.resume is None:
         return None
@@ -206,6 +211,14 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             if differ:
                 raise IgptError(f"{resume}: cannot resume on other shards: {cfg.data} differs from the run's in "
                                 + ", ".join(f"{k} ({saved_shards.get(k)} -> {now[k]})" for k in differ))
+        saved_dtype = state["meta"].get("dtype")  # the resolved one, checkpoints since the thirteenth session
+        if saved_dtype is not None:  # the precision the run trained in, not the --dtype word that chose it
+            bad = [k for k in bad if k != "dtype"]
+            if saved_dtype != dtype_name(dtype):
+                flag = {"bfloat16": "bf16", "float32": "fp32"}.get(saved_dtype, saved_dtype)
+                raise IgptError(f"{resume}: the run trained in {saved_dtype}, but --dtype {cfg.dtype} means "
+                                f"{dtype_name(dtype)} on this {device.type}; resume with --dtype {flag} to keep "
+                                "its precision")
         if bad:
             raise IgptError(f"{resume}: cannot resume with changed settings {bad} (saved: "
                             f"{ {k: state['meta']['train_config'].get(k) for k in bad} })")
@@ -231,7 +244,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out, (CONFIG_FILE, METRICS, PLOT))  # from a process killed mid-write
         resolved = {"train": cfg.to_dict(), "model": mcfg.to_dict(), "world_size": info.world_size,
-                    "micro_batch_size": micro, "accumulation": accum, "dtype": str(dtype).removeprefix("torch."),
+                    "micro_batch_size": micro, "accumulation": accum, "dtype": dtype_name(dtype),
                     "device": device.type, "igpt_version": __version__, "shards": shards.meta}
         atomic_write_bytes(out / CONFIG_FILE, (json.dumps(resolved, indent=2) + "\n").encode())
         log = RunLog(out, start, cfg.steps, cfg.progress)
@@ -299,7 +312,9 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                     log.log({"step": n, "val_loss": v, "val_bits": bits(v), "best_val_loss": best})
                 paused = True
             if (cfg.save_every and n % cfg.save_every == 0) or n == end:
-                last = _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device)
+                if log is not None:
+                    log.sync()
+                last = _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device, dtype)
                 paused = True
             if paused:
                 if log is not None:
@@ -338,7 +353,7 @@ def shards_identity(shards) -> dict:
     return {"palette_sha256": shards.palette.hash, "counts": dict(shards.meta["counts"]), "n_px": shards.n_px}
 
 
-def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device) -> Path:
+def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device, dtype) -> Path:
     """Gather full states on every rank (collective), rank 0 writes, everyone waits for the rename."""
     info = D.get_dist_info()
     mstate, ostate = get_state_dict(wrapped, opt, options=full)
@@ -348,7 +363,8 @@ def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device) -> 
     if info.is_main:
         meta = {"step": n, "tokens_seen": n * cfg.batch_size * mcfg.seq_len, "samples_seen": n * cfg.batch_size,
                 "world_size": info.world_size, "best_val_loss": best, "train_config": cfg.to_dict(),
-                "model_config": mcfg.to_dict(), "shards": shards_identity(shards), "igpt_version": __version__}
+                "model_config": mcfg.to_dict(), "shards": shards_identity(shards), "dtype": dtype_name(dtype),
+                "igpt_version": __version__}
         try:
             save_train_checkpoint(ckpt_root, mstate, mcfg, shards.palette, ostate, rngs, meta, cfg.keep)
         except OSError as e:  # disk full, read-only or vanished directory; the previous checkpoints are intact

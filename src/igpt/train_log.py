@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -57,6 +58,12 @@ class RunLog:
             self.bar.set_postfix_str(text, refresh=False)
         else:
             print(text, flush=True)
+
+    def sync(self) -> None:
+        """Make the rows written so far durable (flush + fsync): called before each checkpoint, so that a power
+        loss cannot keep a checkpoint and drop the rows logged before it (resume keeps rows up to its step)."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
