@@ -1,6 +1,7 @@
 """Model checkpoint directories: round trip, atomic replacement, clear errors for bad files."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -75,6 +76,43 @@ def test_a_directory_is_replaced_in_one_swap_where_the_system_can(tmp_path, monk
             (t / "f").write_text(text)
     assert (tmp_path / "d" / "f").read_text() == "two" and len(calls) == 1  # the second write replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "d"]  # no temporary or old copy left
+
+
+def test_temporary_folders_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    """A writer killed by SIGKILL (or a power loss) runs no ``finally``: its '.NAME.<host>-<pid>.*.tmp' stayed
+    for good (gigabytes for a large prepare). The next atomic_dir of the same NAME removes those of dead
+    processes on this host; a live process's, another host's and other names' are kept."""
+    import socket
+    import subprocess
+    import sys
+
+    import igpt.io as io
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = socket.gethostname()
+    names = {"orphan": f".shards.{host}-{dead}.k2j3_x9a.tmp", "live": f".shards.{host}-{os.getppid()}.a1b2c3d4.tmp",
+             "other_host": f".shards.elsewhere-{dead}.a1b2c3d4.tmp", "other_name": f".shards2.{host}-{dead}.ab12cd34.tmp"}
+    for n in names.values():
+        (tmp_path / n).mkdir()
+        (tmp_path / n / "big.u8").write_bytes(b"x" * 100)
+    with io.atomic_dir(tmp_path / "shards") as t:
+        (t / "meta.json").write_text("{}")
+    left = {p.name for p in tmp_path.iterdir()}
+    assert names["orphan"] not in left and left == {"shards", *(n for k, n in names.items() if k != "orphan")}
+
+
+def test_an_output_given_as_a_symlink_replaces_the_folder_it_names(tmp_path):
+    """--out LINK -> REAL: REAL gets the new files and LINK stays a link (the link became a folder, REAL kept the
+    old checkpoint, and a temporary symlink was left beside them)."""
+    save_model(tmp_path / "real", tiny_model())
+    (tmp_path / "link").symlink_to("real")
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.fill_(0.5)
+    save_model(tmp_path / "link", model)
+    assert (tmp_path / "link").is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert torch.equal(load_model(tmp_path / "real")[0].lm_head.weight, model.lm_head.weight)
 
 
 def test_refuses_to_replace_what_is_not_a_checkpoint(tmp_path):

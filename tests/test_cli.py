@@ -74,6 +74,28 @@ def test_prepare_command_end_to_end(tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "sh" / name).read_bytes(), name
 
 
+def test_sigterm_ends_a_command_through_its_cleanup(tmp_path):
+    """SIGTERM (a scheduler's or `kill`'s default) ended the process at once, so an interrupted prepare left its
+    temporary shard folder for good; now it raises in the main thread, the ``finally`` blocks run and the exit
+    status is 143 with one line. In-process callers of main() get their own handler back."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "igpt", "prepare", "--data", "fashion-mnist-mini", "--n-px", "12",
+           "--palette-size", "8", "--out", str(tmp_path / "sh")]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".sh.*.tmp")) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "prepare ended before its temporary folder appeared"
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 143 and err.strip() == "igpt: terminated (SIGTERM)", (p.returncode, err)
+    assert list(tmp_path.iterdir()) == []  # no temporary folder, no half-written shards
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["datasets"]) == 0 and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_import_export_and_sample_commands(tmp_path):
     import torch
     from igpt_testutil import hf_model, rgb_palette
@@ -250,6 +272,11 @@ def test_prepare_and_eval_settings_files(tmp_path, monkeypatch, capsys):
     meta.write_text(json.dumps({"format": "igpt-shards", "n_px": 12, "config": dataclasses.asdict(c)}))
     assert main(["prepare", "--config", str(meta), "--out", "sh3"]) == 0
     assert seen[-1] == dataclasses.replace(c, out="sh3")
+    # again with the palette that run fitted: its palette_size no longer applies (it was a contradiction error)
+    assert main(["prepare", "--config", str(meta), "--palette", "sh/palette.npy", "--out", "sh4"]) == 0
+    assert seen[-1] == dataclasses.replace(c, out="sh4", palette="sh/palette.npy", palette_size=None)
+    assert main(["prepare", "--config", str(meta), "--palette", "p.npy", "--palette-size", "8", "--out", "o"]) == 2
+    assert "--palette-size only applies to --palette fit" in capsys.readouterr().err  # both flags: still refused
     assert main(["prepare", "--data", "mnist"]) == 2
     assert "prepare: --out required" in capsys.readouterr().err
 

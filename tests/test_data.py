@@ -85,6 +85,40 @@ def test_npy_objects_and_bad_arrays_refused(tmp_path):
         data.array_source(tmp_path / "l.npz")
 
 
+def test_labels_and_sizes_that_shards_cannot_hold_are_refused_when_read(tmp_path):
+    """Negative labels, uint64 labels beyond int64 (they wrapped to negative numbers) and images of zero height
+    or width passed `prepare` (the shards were then refused by every later step, or held black images)."""
+    x = np.zeros((3, 4, 4), np.uint8)
+    for name, y in (("neg", np.array([-1, 0, 1])), ("big", np.array([0, 1, 2**63 + 5], np.uint64))):
+        np.savez(tmp_path / f"{name}.npz", images=x, labels=y)
+        with pytest.raises(IgptError, match=f"{name}.npz\\[images\\]: labels must be in 0 .. 2\\*\\*63 - 1"):
+            data.array_source(tmp_path / f"{name}.npz")
+    np.save(tmp_path / "zero.npy", np.zeros((5, 0, 0, 3), np.uint8))
+    with pytest.raises(IgptError, match="zero.npy.*images of 0x0 pixels"):
+        data.array_source(tmp_path / "zero.npy")
+    write_idx(tmp_path / "z-idx3-ubyte", np.zeros((5, 0, 28), np.uint8))
+    with pytest.raises(IgptError, match="z-idx3-ubyte: expected an IDX image file .* with H, W >= 1"):
+        data.idx_split(tmp_path / "z-idx3-ubyte", None)
+
+
+@pytest.mark.parametrize("dtype, channels", [(np.uint16, 3), (np.uint8, 4)])
+def test_16_bit_and_alpha_arrays_are_converted_chunk_by_chunk(tmp_path, rng, dtype, channels):
+    """A memory-mapped .npy of 16-bit or RGBA images is converted per chunk (it was converted whole, several
+    uint32 copies of the file in memory, before the first chunk): reading a chunk allocates about a chunk."""
+    import tracemalloc
+
+    x = rng.integers(0, np.iinfo(dtype).max + 1, (6000, 32, 32, channels)).astype(dtype)
+    np.save(tmp_path / "a.npy", x)
+    tracemalloc.start()
+    split = data.array_source(tmp_path / "a.npy").splits["train"]
+    first = next(split.read(64))[0]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.nbytes / 4, (peak, x.nbytes)  # the whole array's conversion took > 2x its size
+    assert np.array_equal(first, data.normalise_array(x[:64], "x"))
+    assert first.shape == (64, 32, 32, 3) and first.dtype == np.uint8
+
+
 # -- image folders ------------------------------------------------------------------------------------------
 def make_folder(root, rng, classes=("cat", "dog"), per=3, mode="RGB"):
     for c in classes:

@@ -148,6 +148,37 @@ def test_download_cifar_archive_via_mirror(tmp_path, rng, monkeypatch, server):
     assert not list(cache.glob(".unpack-*"))
 
 
+def test_a_cifar_archive_under_data_dir_is_checked_and_unpacked(tmp_path, rng, monkeypatch):
+    """--data-dir DIR/cifar10/ holding the archive as downloaded (what the error message asks for) was refused:
+    only unpacked batches counted. It is now checked against the registry's checksum and unpacked beside itself;
+    with tarfile's data filter missing (Python < 3.10.12 / 3.11.4) links are refused by hand."""
+    build = tmp_path / "build" / "cifar-10-batches-py"
+    build.mkdir(parents=True)
+    x = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    write_cifar_batch(build / "data_batch_1", x, [0, 1, 2])
+    write_cifar_batch(build / "test_batch", x[:1], [2])
+    (tmp_path / "dd" / "cifar10").mkdir(parents=True)
+    archive = tmp_path / "dd" / "cifar10" / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(build, arcname="cifar-10-batches-py")
+    monkeypatch.setitem(datasets.NAMED, "cifar10", Named("cifar", ("http://unused.invalid/",),
+                                                         {"cifar-10-python.tar.gz": "md5:" + "0" * 32}))
+    with pytest.raises(IgptError, match="cifar-10-python.tar.gz: checksum mismatch"):
+        open_source("cifar10", data_dir=tmp_path / "dd")
+    monkeypatch.setitem(datasets.NAMED, "cifar10", Named("cifar", ("http://unused.invalid/",),
+                                                         {"cifar-10-python.tar.gz": md5(archive)}))
+    monkeypatch.delattr(tarfile, "data_filter", raising=False)  # the fallback path of older Pythons
+    src = open_source("cifar10", data_dir=tmp_path / "dd")
+    assert src.splits["train"].n == 3 and src.splits["test"].n == 1
+    evil = tmp_path / "evil.tar.gz"
+    with tarfile.open(evil, "w:gz") as tar:
+        info = tarfile.TarInfo("cifar-10-batches-py/link")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    with pytest.raises(IgptError, match="refusing archive member 'cifar-10-batches-py/link'"):
+        datasets._unpack(evil)
+
+
 def test_registry_checksums_are_well_formed():
     for name, spec in datasets.NAMED.items():
         assert spec.urls and all(u.startswith("http") for u in spec.urls), name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,6 +87,30 @@ def test_decode_bad_files_name_the_file(tmp_path, rng):
         images.decode_image(tmp_path / "empty.png")
     with pytest.raises(IgptError, match="text.jpg: not an image"):
         images.decode_image(tmp_path / "text.jpg")
+
+
+FIXTURES = Path(__file__).with_name("fixtures") / "damaged"
+
+
+@pytest.mark.parametrize("name, cause", [("exif_struct_error.jpg", "error"), ("exif_type_error.jpg", "TypeError"),
+                                         ("tiff16_type_error.tif", "TypeError")])
+def test_damaged_files_that_break_pillow_otherwise_are_one_line_errors(name, cause, tmp_path):
+    """Files from fuzzing (damaged EXIF of a JPEG, a damaged 16-bit TIFF) on which Pillow raises struct.error
+    or TypeError, which escaped as tracebacks (and past --skip-bad) until the thirteenth session."""
+    with pytest.raises(IgptError, match=f"{name}: cannot decode image \\({cause}"):
+        images.decode_image(FIXTURES / name)
+    good = tmp_path / "imgs"
+    good.mkdir()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(good / "ok.png")
+    (good / name).write_bytes((FIXTURES / name).read_bytes())
+    from conftest import collect
+
+    from igpt.data import folder_source
+
+    with pytest.raises(IgptError, match=name):
+        collect(folder_source(good).splits["train"])
+    split = folder_source(good, skip_bad=True).splits["train"]  # --skip-bad now skips it
+    assert len(collect(split)[0]) == 1 and split.skipped == [str(good / name)]
 
 
 def test_to_square_crop_and_filters(rng):

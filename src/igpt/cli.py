@@ -6,7 +6,10 @@ User errors (``IgptError``) print one line, ``igpt: error: ...``, and exit with 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
+import threading
 
 from igpt import __version__
 from igpt.errors import IgptError
@@ -23,7 +26,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from igpt.prepare import PrepareConfig, prepare
     from igpt.shards import describe
 
-    cfg = _settings(args, PrepareConfig, "config", "prepare", required=("out",))
+    def palette_file_over_config(d: dict, given: dict) -> None:
+        # a palette file named by flag has its own size: a --config file's palette_size (the meta.json of a run
+        # that fitted its palette) no longer applies, rather than contradicting the file
+        if given.get("palette", "fit") != "fit" and "palette_size" not in given:
+            d.pop("palette_size", None)
+
+    cfg = _settings(args, PrepareConfig, "config", "prepare", required=("out",), adjust=palette_file_over_config)
     meta = prepare(cfg)
     print(describe(meta))
     if meta["palette_fit"]:
@@ -110,11 +119,15 @@ def _given(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if v is not None and k not in ("command", "func", "config")}
 
 
-def _settings(args: argparse.Namespace, cls, section: str, what: str, required: tuple[str, ...]):
-    """``cls`` built from the --config file (if any) with the flags set on the command line over it."""
+def _settings(args: argparse.Namespace, cls, section: str, what: str, required: tuple[str, ...], adjust=None):
+    """``cls`` built from the --config file (if any) with the flags set on the command line over it;
+    ``adjust(merged, given)`` may then drop file settings that a flag makes moot."""
     from igpt.settings import build, merged
 
-    d = merged(args.config, section, _given(args), what)
+    given = _given(args)
+    d = merged(args.config, section, given, what)
+    if adjust is not None:
+        adjust(d, given)
     missing = [k for k in required if k not in d]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
@@ -434,10 +447,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that ``finally`` blocks run (temporary folders of atomic writes
+    are removed) instead of the process vanishing mid-write."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # not under torchrun with several ranks: it stops the others with SIGTERM when one fails, and a rank blocked
+    # in a collective would only see the exception after its timeout (torchrun then kills it, 30 s later)
+    catch = threading.current_thread() is threading.main_thread() and os.environ.get("WORLD_SIZE", "1") == "1"
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if catch else None
+    try:
+        return _run(args)
+    finally:
+        if catch:  # main() called in-process (tests, notebooks): the caller's handler again
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
+    except Terminated:
+        sys.stderr.write("igpt: terminated (SIGTERM)\n")
+        return failed(143)
     except IgptError as e:
         sys.stderr.write(f"igpt: error: {e}\n")  # one write: the ranks of a distributed run share the stream
         return failed(2)

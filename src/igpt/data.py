@@ -108,8 +108,8 @@ def idx_split(images: Path, labels: Path | None, start: int = 0, stop: int | Non
             dims = read_idx_header(f, images)
     except _IDX_ERRORS as e:
         raise IgptError(f"{images}: corrupt file ({e})") from None
-    if len(dims) != 3:
-        raise IgptError(f"{images}: expected an IDX image file (N, H, W), got shape {dims}")
+    if len(dims) != 3 or not (dims[1] and dims[2]):
+        raise IgptError(f"{images}: expected an IDX image file (N, H, W) with H, W >= 1, got shape {dims}")
     lab = None
     if labels is not None:
         lab = read_idx(labels)
@@ -206,34 +206,52 @@ def folder_source(root: str | Path, channels: int | None = None, skip_bad: bool 
 
 
 # -- numpy arrays -------------------------------------------------------------------------------------------
-def normalise_array(x: np.ndarray, where: str) -> np.ndarray:
-    """Images as (N, H, W) or (N, H, W, 1|3|4), uint8 or uint16 -> uint8 (N, H, W, 1|3)."""
+def check_array(x: np.ndarray, where: str) -> np.ndarray:
+    """Images as (N, H, W) or (N, H, W, 1|3|4), uint8 or uint16, H and W >= 1 -> the same data as a 4-D view
+    (nothing is read or copied: a memory map stays one)."""
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3, 4):
         raise IgptError(f"{where}: images must have shape (N, H, W) or (N, H, W, C) with C in 1, 3, 4; got {x.shape}")
+    if x.dtype not in (np.uint8, np.uint16):
+        raise IgptError(f"{where}: images must be uint8 (or uint16), got {x.dtype}")
+    if not (x.shape[1] and x.shape[2]):
+        raise IgptError(f"{where}: images of {x.shape[1]}x{x.shape[2]} pixels (height and width must be >= 1)")
+    return x
+
+
+def normalise_array(x: np.ndarray, where: str) -> np.ndarray:
+    """Images as ``check_array`` takes them -> uint8 (N, H, W, 1|3): 16 bits scaled to 8, alpha composited on
+    white (a copy when converted: apply it to chunks of a large array)."""
+    x = check_array(x, where)
     if x.dtype == np.uint16:
         x = ((x.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
-    elif x.dtype != np.uint8:
-        raise IgptError(f"{where}: images must be uint8 (or uint16), got {x.dtype}")
     if x.shape[-1] == 4:
         x = composite_on_white(x)
     return x
 
 
+def check_labels(y, n: int, where: str) -> np.ndarray:
+    """Integer labels (n,), each in 0 .. int64 max (what token shards store) -> int64; IgptError otherwise."""
+    y = np.asarray(y)
+    if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
+        raise IgptError(f"{where}: labels must be integers of shape ({n},), got {y.dtype} {y.shape}")
+    if n and (int(y.min()) < 0 or int(y.max()) > np.iinfo(np.int64).max):
+        raise IgptError(f"{where}: labels must be in 0 .. 2**63 - 1, got {int(y.min())} .. {int(y.max())}")
+    return y.astype(np.int64)
+
+
 def _array_split(x: np.ndarray, y: np.ndarray | None, channels: int, where: str) -> Split:
-    x = normalise_array(x, where)
+    x = check_array(x, where)  # converted chunk by chunk in read(): memory stays bounded for any dtype / alpha
     if y is not None:
-        y = np.asarray(y)
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-            raise IgptError(f"{where}: labels must be integers of shape ({len(x)},), got {y.dtype} {y.shape}")
+        y = check_labels(y, len(x), where)
 
     def read(chunk: int) -> Iterator[Chunk]:
         for s in range(0, len(x), chunk):
-            imgs = np.asarray(x[s : s + chunk])
+            imgs = normalise_array(np.asarray(x[s : s + chunk]), where)
             if imgs.shape[-1] != channels:
                 imgs = np.stack([convert_channels(im, channels) for im in imgs])
-            yield imgs, None if y is None else y[s : s + chunk].astype(np.int64)
+            yield imgs, None if y is None else y[s : s + chunk]
 
     return Split(len(x), read)
 

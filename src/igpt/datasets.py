@@ -155,6 +155,17 @@ def _fetch(name: str, spec: Named, target: Path) -> None:
             _unpack(target / fname)
 
 
+def _plain_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]:
+    """Where tarfile has no ``filter="data"``: only regular files and folders under relative paths without
+    '..' (what the data filter would keep of a data set archive); anything else is an IgptError."""
+    members = tar.getmembers()
+    for m in members:
+        parts = Path(m.name).parts
+        if not (m.isfile() or m.isdir()) or Path(m.name).is_absolute() or ".." in parts:
+            raise IgptError(f"{archive}: refusing archive member {m.name!r} (a link, device or path outside)")
+    return members
+
+
 def _unpacked_marker(archive: Path) -> Path:
     return archive.with_name(archive.name + ".unpacked")
 
@@ -167,7 +178,10 @@ def _unpack(archive: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=archive.parent, prefix=".unpack-"))
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")  # refuses absolute paths, links out, devices
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+                tar.extractall(tmp, filter="data")  # refuses absolute paths, links out, devices
+            else:
+                tar.extractall(tmp, members=_plain_members(tar, archive))  # noqa: S202 - members checked
         for entry in tmp.iterdir():
             dest = archive.parent / entry.name
             if dest.is_dir() and not dest.is_symlink():
@@ -195,6 +209,13 @@ def resolve(name: str, data_dir: str | Path | None = None) -> Path:
     explicit = data_dir or os.environ.get("IGPT_DATA_DIR")
     if explicit:
         d = Path(explicit) / name
+        archives = [d / f for f in spec.checksums if f.endswith(".tar.gz") and (d / f).is_file()]
+        if archives and not _has_files(d, spec):  # the archive as downloaded: check it, unpack it beside itself
+            for a in archives:
+                algo, _, want = spec.checksums[a.name].partition(":")
+                if not _unpacked_marker(a).is_file() and file_digest(a, algo) != want:
+                    raise IgptError(f"{a}: checksum mismatch ({algo} {want} expected): a damaged or other file")
+                _unpack(a)
         if not _has_files(d, spec):
             want = ", ".join(spec.checksums) if spec.kind == "cifar" else ", ".join(IDX_FILES.values())
             raise IgptError(f"{d}: data set '{name}' not found there (expected {want})")

@@ -9,7 +9,8 @@ Decoding policy for image files (``decode_image``):
   colour PNGs come from Pillow as 8-bit RGB(A) holding each value's high byte (v // 256: at most one level
   below the rounded value);
 - the EXIF orientation is applied;
-- truncated, empty or non-image files raise ``IgptError`` naming the file (or are skipped with skip_bad).
+- truncated, empty, damaged or non-image files raise ``IgptError`` naming the file (or are skipped with skip_bad):
+  any exception of Pillow's decoders (damaged EXIF raises struct.error or TypeError, a damaged TIFF TypeError).
 Resizing (``to_square``): a non-square image is centre-cropped to a square, then resized to n_px x n_px with
 an area (box) filter when shrinking and bilinear when enlarging.
 """
@@ -74,8 +75,8 @@ def decode_image(path: str | Path) -> np.ndarray:
         size = path.stat().st_size if path.exists() else 0
         what = "an empty file" if size == 0 else "not an image Pillow can read"
         raise IgptError(f"{path}: {what}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise IgptError(f"{path}: cannot decode image ({e})") from None
+    except Exception as e:  # noqa: BLE001 - Pillow's decoders raise struct.error, TypeError, ... on damaged data
+        raise IgptError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from None
 
 
 def convert_channels(img: np.ndarray, channels: int) -> np.ndarray:

@@ -8,7 +8,9 @@ import functools
 import glob
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import tempfile
 import tokenize
@@ -81,6 +83,35 @@ def _temporaries(folder: Path, name: str):
     return folder.glob(f".{glob.escape(name)}.*.tmp")
 
 
+def _owner() -> str:
+    """'<host>-<pid>': which process made a temporary directory (atomic_dir's names carry it)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): alive
+        return True
+    return True
+
+
+def remove_orphaned_dirs(path: Path) -> list[Path]:
+    """Delete the temporary directories that atomic_dir(path) calls left beside ``path`` when their process was
+    killed (SIGKILL, power loss: no ``finally`` ran): '.NAME.<host>-<pid>.<random>.tmp' made on this host by a
+    process that no longer exists. Another host's (a shared disk) or a live process's are kept. Returns them."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(.+)-(\d+)\.[^.]+\.tmp$")
+    host, gone = socket.gethostname(), []
+    for d in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        m = pattern.match(d.name)
+        if m and m.group(1) == host and d.is_dir() and not _alive(int(m.group(2))):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
 @contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces ``path`` in one rename.
@@ -89,8 +120,14 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     existing ``path`` is moved aside first and deleted only after the new one is in place.
     """
     path = Path(path)
+    if path.is_symlink():  # the folder it names is replaced (a temporary beside the link was left behind, the
+        path = Path(os.path.realpath(path))  # link itself became a folder and the target kept the old files)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_orphaned_dirs(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_owner()}.", suffix=".tmp"))
+    except OSError as e:  # the folder does not take files: name the output, not the hidden temporary
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
