@@ -186,7 +186,52 @@ def test_commands_of_a_run_stopped_by_the_time_limit_reproduce_it():
     cut = commands(DemoConfig(), Path("runs/demo"), prep, 500, 321)
     assert "--stop-at" not in " ".join(full) and "step-000500" in full[3]
     assert cut[2].endswith("--stop-at 321") and "--steps 500" in cut[2]  # the same schedule, stopped where it was
-    assert all("step-000321" in c for c in cut[3:]) and "--steps 500" in cut[0]
+    assert all("step-000321" in c for c in cut[3:]) and "--steps 500 --stop-at 321" in cut[0]
+    assert "--stop-at" not in full[0] and cut[-1].endswith("--out runs/demo/samples.png")  # samples.png too
+
+
+def test_the_demo_command_of_a_stopped_run_stops_where_it_did(monkeypatch, tmp_path):
+    """The report's first line (`igpt demo ... --steps N`) trained all N planned steps where the time limit had
+    stopped the run at M: it now says --stop-at M, which trains to M on the schedule of N."""
+    import shlex
+    from types import SimpleNamespace
+
+    import igpt.demo as D
+    from igpt.demo import DemoConfig, commands
+
+    line = commands(DemoConfig(seed=4), Path("o"), SimpleNamespace(n_px=12, palette_size=16, test_fraction=0.0),
+                    500, 321)[0]
+    seen = {}
+    monkeypatch.setattr(D, "run_demo", lambda cfg: seen.setdefault("cfg", cfg) and {})
+    assert main(shlex.split(line)[1:]) == 0
+    cfg = seen["cfg"]
+    assert (cfg.steps, cfg.stop_at, cfg.seed) == (500, 321, 4)
+    tc = D._train_config(cfg, Path("s"), Path("r"), cfg.steps, None)
+    assert (tc.steps, tc.stop_at, tc.warmup) == (500, 321, 50)  # the schedule of 500, stopped at 321
+    with pytest.raises(Exception, match="--stop-at needs --steps"):
+        DemoConfig(stop_at=5)
+    with pytest.raises(Exception, match=r"stop_at must be an integer in \[1, steps = 10\]"):
+        DemoConfig(steps=10, stop_at=11)
+
+
+def test_demo_settings_that_fail_later_fail_first(small_npz, tmp_path, capsys):
+    """A typo in --data deleted the previous demo before the error; too many completions for the test split
+    failed after training and probing; the largest seed passed the check, then overflowed the samples' seed."""
+    from igpt.demo import sample_seed
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "demo.json").write_text('{"config": {}}')
+    (old / "report.html").write_text("the previous demo")
+    assert main(["demo", "--data", str(tmp_path / "typo.npz"), "--out", str(old), "--minutes", "0.2"]) == 2
+    assert "typo.npz" in capsys.readouterr().err and (old / "report.html").read_text() == "the previous demo"
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"completions": 300}')  # the small set has 200 test images
+    assert main(["demo", "--config", str(cfg), "--data", str(small_npz), "--out", str(tmp_path / "d"), "--steps",
+                 "2", "--n-px", "8", "--palette-size", "8", "--preset", "tiny"]) == 2
+    assert "200 test images, fewer than the 300 completions" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "run").exists()  # refused before training
+    assert sample_seed(2**62 - 1) == 0 and sample_seed(3) == 4
 
 
 def test_the_train_command_trains_with_the_demos_settings(monkeypatch):

@@ -190,6 +190,49 @@ def test_a_tiny_temperature_is_greedy():
         assert picks.tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_non_finite_logits_are_an_error_not_the_last_colour(tmp_path, top_k):
+    """NaN weights gave NaN logits, whose NaN cdf made searchsorted return K, clamped to the last id: a grid of
+    one colour and exit 0. The rows are now flagged on the device and checked once per batch."""
+    m = tiny_model(seed=1)
+    with torch.no_grad():
+        m.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(IgptError, match="non-finite logits .* for 3 of 3 images"):
+        generate(m, 3, top_k=top_k)
+    bad = torch.zeros(2, dtype=torch.bool)
+    logits = torch.tensor([[0.0, float("inf"), 1.0], [0.0, 1.0, 2.0]])
+    pick_tokens(logits, torch.empty(2, 1), torch.Generator().manual_seed(0), bad=bad)
+    assert bad.tolist() == [True, False]
+
+
+def test_sample_arguments_and_outputs_are_checked_before_sampling(tmp_path, monkeypatch):
+    """--per-image 0 was turned into 1; an --n far beyond memory ended in an allocator traceback (or an
+    overflow); an unwritable --tokens-out failed after sampling, the PNG already replaced; --device cpu:1
+    loaded nothing and was reported as a corrupt checkpoint; a uint16 prefix (the shards' dtype) crashed."""
+    import igpt.sample as S
+
+    save_model(tmp_path / "ck", tiny_model(seed=5), palette=rgb_palette(16))
+    shards = _shards(tmp_path / "sh", np.random.default_rng(0).integers(0, 16, (4, 64)))
+    with pytest.raises(IgptError, match="--per-image must be >= 1, got 0"):
+        sample_to_grid(tmp_path / "ck", 4, tmp_path / "g.png", complete_from=shards, per_image=0)
+    for n in (10**8, 10**20):
+        with pytest.raises(IgptError, match=f"--n {n}: the ids and the PNG grid need about .* GiB, more than"):
+            sample_to_grid(tmp_path / "ck", n, tmp_path / "g.png")
+    monkeypatch.setattr(S, "generate", lambda *a, **k: pytest.fail("sampled before checking the outputs"))
+    (tmp_path / "g.png").write_bytes(b"old")
+    (tmp_path / "a_file").write_text("x")
+    for bad, message in ((tmp_path / "a_file" / "t.npy", "t.npy: cannot write there"),
+                         (tmp_path, "is a folder")):
+        with pytest.raises(IgptError, match=message):
+            sample_to_grid(tmp_path / "ck", 4, tmp_path / "g.png", tokens_out=bad)
+    assert (tmp_path / "g.png").read_bytes() == b"old"
+    with pytest.raises(IgptError, match="--device cpu:1: the CPU has no numbered devices"):
+        sample_to_grid(tmp_path / "ck", 2, tmp_path / "g.png", device="cpu:1")
+    monkeypatch.undo()
+    ids = generate(tiny_model(), 2, prefix=torch.zeros(2, 8, dtype=torch.uint16), top_k=1)
+    assert ids.shape == (2, 64) and (ids[:, :8] == 0).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_decoding_and_sampling(tmp_path):

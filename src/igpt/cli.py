@@ -429,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", help="output directory (an old demo there is replaced; default runs/demo)")
     m.add_argument("--minutes", type=float, help="wall-time budget of the whole run (default 9)")
     m.add_argument("--steps", type=int, help="training steps (default: as many as the budget buys)")
+    m.add_argument("--stop-at", type=int, help="with --steps: stop training at this step, on the schedule of "
+                   "--steps (the report's command uses it where the time limit stopped the loop)")
     m.add_argument("--n-px", type=int, help="image side in pixels (default 12)")
     m.add_argument("--palette-size", type=int, help="colours (default 16 grey, 64 RGB)")
     m.add_argument("--preset", help="model size (default cpu-small)")

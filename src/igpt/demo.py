@@ -55,6 +55,7 @@ class DemoConfig:
     lr: float = 3e-3
     augment: bool = True  # random crop + flip of the training images: measured +0.3 to +0.9 probe points (README)
     steps: int | None = None  # training steps; None: as many as the budget buys (at most max_steps)
+    stop_at: int | None = None  # with steps: stop there, on the schedule of ``steps`` (as a time-limited run did)
     max_steps: int = 20000  # upper bound on the steps the budget may buy
     completions: int = 8  # test images completed from their top half
     per_image: int = 4  # completions per test image
@@ -85,6 +86,11 @@ class DemoConfig:
         if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
                                        or self.steps < 1):
             raise IgptError(f"demo: steps must be a positive integer, got {self.steps!r}")
+        if self.stop_at is not None:
+            if self.steps is None:
+                raise IgptError("demo: --stop-at needs --steps (the schedule it stops on)")
+            if isinstance(self.stop_at, bool) or not isinstance(self.stop_at, int) or not 1 <= self.stop_at <= self.steps:
+                raise IgptError(f"demo: stop_at must be an integer in [1, steps = {self.steps}], got {self.stop_at!r}")
 
 
 def _say(stage: int, text: str) -> None:
@@ -99,7 +105,13 @@ def _train_config(cfg: DemoConfig, shards_dir: Path, run_dir: Path, steps: int, 
         lr=cfg.lr, warmup=max(1, steps // 10), eval_every=max(1, steps // 5), eval_images=500,
         save_every=steps, log_every=max(1, min(10, steps // 20)), keep=1, seed=cfg.seed, device=cfg.device,
         progress=cfg.progress, augment=cfg.augment, time_limit=time_limit,
+        stop_at=cfg.stop_at if cfg.steps == steps else None,
     )
+
+
+def sample_seed(seed: int) -> int:
+    """The seed of the unconditional samples: another stream than the completions' (kept below 2**62)."""
+    return (seed + 1) % (1 << 62)
 
 
 def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[str]:
@@ -110,7 +122,8 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
     ckpt = str(out / "run" / "checkpoints" / f"step-{done:06d}")  # what `igpt train` writes
     tc = _train_config(cfg, out / "shards", out / "run", steps, None)  # the settings the demo trained with
     demo = ["igpt", "demo", "--data", cfg.data, "--out", str(out), "--minutes", f"{cfg.minutes:g}", "--steps",
-            str(steps), "--n-px", str(cfg.n_px), "--palette-size", str(prep.palette_size), "--preset", cfg.preset,
+            str(steps), *(["--stop-at", str(done)] if done < steps else []),  # where the time limit stopped it
+            "--n-px", str(cfg.n_px), "--palette-size", str(prep.palette_size), "--preset", cfg.preset,
             "--batch-size", str(cfg.batch_size), "--lr", f"{cfg.lr:g}", "--seed", str(cfg.seed)]
     demo.append("--augment" if cfg.augment else "--no-augment")
     if cfg.data_dir:
@@ -131,7 +144,12 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
         ["igpt", "sample", "--checkpoint", ckpt, "--complete-from", str(out / "shards"), "--n",
          str(cfg.completions * cfg.per_image), "--per-image", str(cfg.per_image), "--seed", str(cfg.seed),
          "--out", str(out / "completions.png")],
+        ["igpt", "sample", "--checkpoint", ckpt, "--n", str(cfg.samples), "--seed", str(sample_seed(cfg.seed)),
+         "--out", str(out / "samples.png")],
     ]
+    if cfg.device:
+        demo += ["--device", cfg.device]
+        stages = [c + ["--device", cfg.device] if c[1] in ("train", "eval", "probe", "sample") else c for c in stages]
     return [" ".join(q(a) for a in c) for c in [demo, *stages]]
 
 
@@ -154,20 +172,20 @@ def run_demo(cfg: DemoConfig) -> dict:
     budget = cfg.minutes * 60
     out = Path(cfg.out)
     check_replaceable(out, {MARKER: "config"})
+    device = pick_device(cfg.device, get_dist_info())
+    src = open_source(cfg.data, cfg.data_dir)  # a bad --data or --device must not cost the old demo
+    k = cfg.palette_size or (16 if src.channels == 1 else 64)
+    prep = PrepareConfig(out=str(out / "shards"), data=cfg.data, data_dir=cfg.data_dir, n_px=cfg.n_px,
+                         palette_size=k, seed=cfg.seed, test_fraction=0.0 if "test" in src.splits else 0.1)
     if out.exists():
         shutil.rmtree(out)  # an old demo (it holds our marker): start clean
     out.mkdir(parents=True)
     atomic_write_bytes(out / MARKER, (json.dumps({"config": asdict(cfg)}, indent=2) + "\n").encode())
-    device = pick_device(cfg.device, get_dist_info())
     timings: dict[str, float] = {}
 
     # 1. token shards
     t = time.perf_counter()
     _say(1, f"prepare: {cfg.data} -> {cfg.n_px}x{cfg.n_px} token shards")
-    src = open_source(cfg.data, cfg.data_dir)
-    k = cfg.palette_size or (16 if src.channels == 1 else 64)
-    prep = PrepareConfig(out=str(out / "shards"), data=cfg.data, data_dir=cfg.data_dir, n_px=cfg.n_px,
-                         palette_size=k, seed=cfg.seed, test_fraction=0.0 if "test" in src.splits else 0.1)
     meta = prepare(prep)
     shards = load_shards(out / "shards")
     counts = meta["counts"]
@@ -178,6 +196,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         sizes = ", ".join(f"{s} {n}" for s, n in counts.items())
         raise IgptError(f"{cfg.data}: too few images for the demo's splits ({sizes}; empty: {', '.join(empty)}); "
                         "the probe needs images in train, val and test")
+    if cfg.completions > counts["test"]:
+        raise IgptError(f"{cfg.data}: {counts['test']} test images, fewer than the {cfg.completions} completions "
+                        "asked for")
     timings["prepare"] = time.perf_counter() - t
     print(f"      {', '.join(f'{s} {n}' for s, n in counts.items())} images, {k} colours "
           f"({timings['prepare']:.1f} s)", flush=True)
@@ -196,14 +217,15 @@ def run_demo(cfg: DemoConfig) -> dict:
               f"estimated at {plan['later_s']:.0f} s; training takes its minimum of {plan['steps']} steps",
               flush=True)
     steps = plan["steps"] = cfg.steps or plan["steps"]
-    time_limit = None if cfg.steps else plan["time_limit_s"]  # fixed --steps: train them all
+    time_limit = None if cfg.steps else plan["time_limit_s"]  # fixed --steps: train them all (or to --stop-at)
+    plan["time_limit_s"] = time_limit  # what the loop was given (none with --steps)
     _say(2, f"train: {cfg.preset} ({mcfg.n_layer} layers, {mcfg.n_embd} wide), {steps} steps of "
             f"{cfg.batch_size} images (measured {step_s * 1000:.0f} ms/step; "
             f"{plan['reserved_s']:.0f} s kept for the later stages"
             + ("" if time_limit is None else f"; stops early after {time_limit:.0f} s if the loop runs slower") + ")")
     tcfg = _train_config(cfg, out / "shards", out / "run", steps, time_limit)
     res = train(tcfg)
-    done = res["step"]  # < steps when the loop ran slower than measured and hit the time limit
+    done = res["step"]  # < steps when the loop ran slower than measured and hit the time limit (or --stop-at)
     ckpt = Path(res["checkpoint"])
     model_dir = out / "model"  # the model files alone (the optimizer state stays in run/checkpoints)
     model, palette = load_model(ckpt, device)
@@ -246,7 +268,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     top_kept = bool((comp[:, :known] == originals[:, :known]).all())
     if not top_kept:
         raise IgptError("completions changed the given top half: a bug in igpt.sample")
-    sample_to_grid(model_dir, cfg.samples, out / "samples.png", seed=cfg.seed + 1, device=str(device))
+    sample_to_grid(model_dir, cfg.samples, out / "samples.png", seed=sample_seed(cfg.seed), device=str(device))
     timings["sample"] = time.perf_counter() - t
 
     # 6. summary and report
@@ -276,7 +298,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "palette_size": k, "class_names": meta.get("class_names"),
         "model": {"preset": cfg.preset, "n_layer": mcfg.n_layer, "n_embd": mcfg.n_embd, "n_head": mcfg.n_head,
                   "params": model.num_params()},
-        "steps": done, "steps_planned": steps, "stopped_by_time_limit": done < steps,
+        "steps": done, "steps_planned": steps, "stopped_by_time_limit": done < (cfg.stop_at or steps),
+        "stop_at": cfg.stop_at,
         "batch_size": cfg.batch_size, "lr": cfg.lr, "augment": cfg.augment,
         "tokens_seen": done * cfg.batch_size * mcfg.seq_len,
         "tokens_per_s": statistics.median(tps) if tps else None,

@@ -66,7 +66,9 @@ def render(s: dict, colours: np.ndarray, images: dict[str, bytes]) -> str:
         ("training", f"{s['steps']} steps x {s['batch_size']} images, lr {s['lr']:g}, "
                      f"{s['tokens_seen']:,} tokens"
                      + (f" (stopped by the time limit; {s['steps_planned']} planned)"
-                        if s.get("stopped_by_time_limit") else "")),
+                        if s.get("stopped_by_time_limit") else
+                        f" (stopped at --stop-at on the schedule of {s['steps_planned']})"
+                        if s.get("stop_at") and s["steps"] < s["steps_planned"] else "")),
         ("training speed", "–" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f} tokens/s on {s['device']}"),
         ("val NLL", f"{s['val_bits_per_token']:.4f} bits/token ({s['val_nats_per_token']:.4f} nats)"),
         ("test NLL", f"{s['test_bits_per_token']:.4f} bits/token ({s['test_nats_per_token']:.4f} nats)"),

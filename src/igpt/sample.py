@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -48,17 +49,24 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 
 def pick_tokens(logits: torch.Tensor, u: torch.Tensor, generator: torch.Generator, temperature: float = 1.0,
-                top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+                top_k: int | None = None, top_p: float | None = None,
+                bad: torch.Tensor | None = None) -> torch.Tensor:
     """Draw one id per row from softmax(filtered logits / temperature) -> (B,) long. top_k=1 is argmax.
 
     Inverse-CDF sampling with one uniform per row: the first token whose cumulative probability exceeds
     u * total. A filtered-out token has probability 0, so its cumulative sum equals its predecessor's and it
     can never be picked. (At (8, 512) on 2 cores: 27 us, against 120 for multinomial and 100 for Gumbel-max.)
-    ``u`` is a (B, 1) float32 buffer; ``logits`` is overwritten.
+    ``u`` is a (B, 1) float32 buffer; ``logits`` is overwritten. ``bad`` (B,) bool, if given, is or-ed with
+    the rows whose logits were not finite (NaN or inf made the pick meaningless: the last id, or the NaN's
+    position); checked by the caller once per batch, not per token (no device sync per step).
     """
     if top_k == 1:
+        if bad is not None:
+            bad.logical_or_(~torch.isfinite(logits).all(-1))
         return logits.argmax(-1)
     cdf = torch.softmax(filter_logits(logits.float(), temperature, top_k, top_p), dim=-1).cumsum_(-1)  # (B, K)
+    if bad is not None:  # a NaN or +inf logit makes the total NaN
+        bad.logical_or_(~torch.isfinite(cdf[:, -1]))
     v = u.uniform_(generator=generator).mul_(cdf[:, -1:])
     return torch.searchsorted(cdf, v, right=True).squeeze_(1).clamp_max_(cdf.shape[-1] - 1)
 
@@ -84,6 +92,7 @@ def generate(model: ImageGPT, n: int, *, prefix: torch.Tensor | None = None, tem
             raise IgptError(f"prefix must be ({n}, < {T}) ids, got {tuple(prefix.shape)}")
         if prefix.is_floating_point() or prefix.is_complex() or prefix.dtype == torch.bool:
             raise IgptError(f"prefix must hold integer palette ids, got {prefix.dtype}")
+        prefix = prefix.long()  # uint16, the dtype of token shards, has no min / max on CPU
         if prefix.numel() and not (0 <= int(prefix.min()) and int(prefix.max()) < cfg.palette_size):
             raise IgptError(f"prefix ids must be palette ids in [0, {cfg.palette_size}), got "
                             f"[{int(prefix.min())}, {int(prefix.max())}]")
@@ -103,12 +112,16 @@ def generate(model: ImageGPT, n: int, *, prefix: torch.Tensor | None = None, tem
             if P:
                 ids[:, 1:] = prefix[lo:lo + B].to(dev)
             u = torch.empty(B, 1, dtype=torch.float32, device=dev)
+            bad = torch.zeros(B, dtype=torch.bool, device=dev)
             toks = list(ids[:, 1:].unbind(1))
-            tok = pick_tokens(dec.prefill(ids), u, gen, temperature, top_k, top_p)
+            tok = pick_tokens(dec.prefill(ids), u, gen, temperature, top_k, top_p, bad)
             toks.append(tok)
             for _ in range(P + 1, T):
-                tok = pick_tokens(dec.step(tok), u, gen, temperature, top_k, top_p)
+                tok = pick_tokens(dec.step(tok), u, gen, temperature, top_k, top_p, bad)
                 toks.append(tok)
+            if bad.any():
+                raise IgptError(f"the model produced non-finite logits (NaN or inf) for {int(bad.sum())} of "
+                                f"{B} images: its weights are damaged or training diverged")
             batch = torch.stack(toks, 1).cpu()
         out[lo:lo + B] = batch  # out stays a normal tensor (not an inference-mode one)
     return out
@@ -178,6 +191,37 @@ def load_split(shards: str | Path, n_px: int, palette_size: int, palette=None) -
     raise IgptError(f"{shards}: no test or val images to complete from")
 
 
+def check_writable(path: str | Path) -> None:
+    """IgptError unless a file can be written at ``path`` (its folder exists or can be made, and takes a file:
+    tried with a temporary file, which root's permission bypass makes the only sure test)."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise IgptError(f"{path} is a folder; give the name of a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise IgptError(f"{path}: cannot write there ({e.strerror or e})") from None
+
+
+def check_memory(n: int, n_px: int, channels: int) -> None:
+    """IgptError when n images' ids (int64) and their PNG grid (the images upscaled to ~128 px) would not fit in
+    this machine's memory (a typo in --n ended in an allocator traceback after loading the model)."""
+    scale = max(1, 128 // n_px)
+    need = n * n_px * n_px * (8 + 2 + scale * scale * channels)  # ids as int64 and uint16, the grid
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # no sysconf (not POSIX): no check
+        return
+    if need > have:
+        raise IgptError(f"--n {n}: the ids and the PNG grid need about {need / 2**30:.1f} GiB, more than this "
+                        f"machine's {have / 2**30:.1f} GiB; sample fewer images per run (other --seed values)")
+
+
 def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_from: str | Path | None = None,
                    rows: int | None = None, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, tokens_out: str | Path | None = None, per_image: int = 4,
@@ -195,7 +239,12 @@ def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_fr
 
     if n < 1:
         raise IgptError(f"--n must be >= 1, got {n}")
+    if per_image < 1:
+        raise IgptError(f"--per-image must be >= 1, got {per_image}")
     check_sampling(temperature, top_k, top_p)
+    for path in (out_png, tokens_out):  # before minutes of sampling, not after
+        if path is not None:
+            check_writable(path)
     dev = pick_device(device, get_dist_info())
     if cuda_graph and dev.type != "cuda":
         raise IgptError(f"--cuda-graph needs a CUDA device, not {dev}")
@@ -204,12 +253,13 @@ def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_fr
     if not model.lm_head.weight.any():
         raise IgptError(f"{ckpt}: the output head is all zeros (an untrained model, or one imported from a "
                         "Hugging Face checkpoint without lm_head): its samples would be uniform noise")
+    check_memory(n, cfg.n_px, palette.channels if palette is not None else 3)
     prefix = originals = None
     if complete_from is not None:
         rows = cfg.n_px // 2 if rows is None else rows
         if not 1 <= rows < cfg.n_px:
             raise IgptError(f"--rows must be in [1, {cfg.n_px - 1}], got {rows}")
-        per_image = max(1, min(per_image, n))
+        per_image = min(per_image, n)
         toks, _ = load_split(complete_from, cfg.n_px, cfg.palette_size, palette)
         m = -(-n // per_image)
         if m > len(toks):
