@@ -101,6 +101,19 @@ def test_labels_and_sizes_that_shards_cannot_hold_are_refused_when_read(tmp_path
         data.idx_split(tmp_path / "z-idx3-ubyte", None)
 
 
+def test_hidden_files_and_short_class_name_lists(tmp_path, rng):
+    """macOS's '._name.png' resource forks in class folders stopped the run as bad images (or were 'skipped');
+    an .npz whose class_names list is shorter than its label range was accepted (labels without names)."""
+    make_folder(tmp_path / "a", rng, per=2)
+    (tmp_path / "a" / "cat" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    imgs, labs = collect(data.folder_source(tmp_path / "a").splits["train"])
+    assert len(imgs) == 4 and labs.tolist() == [0, 0, 1, 1]
+    np.savez(tmp_path / "c.npz", images=np.zeros((3, 4, 4), np.uint8), labels=np.array([0, 1, 2]),
+             class_names=np.array(["a", "b"]))
+    with pytest.raises(IgptError, match="c.npz: 2 class_names for labels up to 2"):
+        data.array_source(tmp_path / "c.npz")
+
+
 @pytest.mark.parametrize("dtype, channels", [(np.uint16, 3), (np.uint8, 4)])
 def test_16_bit_and_alpha_arrays_are_converted_chunk_by_chunk(tmp_path, rng, dtype, channels):
     """A memory-mapped .npy of 16-bit or RGBA images is converted per chunk (it was converted whole, several

@@ -89,6 +89,41 @@ def test_decode_bad_files_name_the_file(tmp_path, rng):
         images.decode_image(tmp_path / "text.jpg")
 
 
+def _png16(path, arr, colour_type: int, trns: bytes = b"") -> Path:
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit grey + alpha): arr (H, W[, C]) uint16, colour
+    type 0 grey, 2 RGB, 4 grey + alpha; ``trns`` the tRNS chunk's data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    h, w = arr.shape[:2]
+    rows = b"".join(b"\0" + np.ascontiguousarray(arr[i]).astype(">u2").tobytes() for i in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                     + (chunk(b"tRNS", trns) if trns else b"") + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_16_bit_png_transparency_and_grey_alpha(tmp_path):
+    """16-bit PNGs: grey + alpha stays grey (Pillow opens it as RGBA: a folder of them became RGB); a grey tRNS
+    is composited on white (it was ignored); an RGB tRNS too (compared at the wrong scale, it matched nothing)."""
+    import struct
+
+    from igpt.data import _file_channels
+
+    v = np.array([[0, 1000, 32768, 65535]], np.uint16)
+    la = _png16(tmp_path / "la.png", np.stack([v, np.array([[65535, 0, 65535, 65535]], np.uint16)], -1), 4)
+    out = images.decode_image(la)
+    assert out.shape == (1, 4, 1) and out[0, :, 0].tolist() == [0, 255, 128, 255]  # alpha 0 -> white
+    assert _file_channels(la) == 1
+    grey = _png16(tmp_path / "g.png", v, 0, trns=struct.pack(">H", 1000))
+    assert images.decode_image(grey)[0, :, 0].tolist() == [0, 255, 128, 255]  # 1000 is transparent
+    rgb = _png16(tmp_path / "c.png", np.stack([v] * 3, -1), 2, trns=struct.pack(">HHH", 1000, 1000, 1000))
+    assert images.decode_image(rgb)[0, :, 0].tolist() == [0, 255, 128, 255]
+
+
 FIXTURES = Path(__file__).with_name("fixtures") / "damaged"
 
 

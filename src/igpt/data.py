@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from igpt.errors import IgptError
-from igpt.images import GREY_MODES, IMAGE_EXTS, composite_on_white, convert_channels, decode_image
+from igpt.images import IMAGE_EXTS, composite_on_white, convert_channels, decode_image, is_grey
 from igpt.io import NPY_ERRORS, check_npy_file
 
 _MAX_ELEMENTS = 1 << 34  # refuse headers that claim more than 16 GiB of pixels before allocating anything
@@ -138,14 +138,17 @@ def idx_split(images: Path, labels: Path | None, start: int = 0, stop: int | Non
 
 # -- image folders ------------------------------------------------------------------------------------------
 def _image_files(d: Path) -> list[Path]:
-    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    """The image files of a folder; hidden ones ('.name', e.g. macOS's '._name.png' resource forks, which are
+    not images) are left out, as hidden folders are."""
+    return sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS
+                  and not p.name.startswith("."))
 
 
 def _file_channels(path: Path) -> int:
     """Channels the decoding policy gives this file, from its header only (no pixel decoding)."""
     try:
         with Image.open(path) as im:
-            return 1 if im.mode in GREY_MODES else 3
+            return 1 if is_grey(im) else 3
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return 1  # a bad file does not decide the channel count; decoding it reports the problem
 
@@ -291,4 +294,9 @@ def array_source(path: str | Path, channels: int | None = None) -> Source:
         ch = 3 if normalise_array(arrays[layout[0][1]][:1], str(path)).shape[-1] == 3 else 1
     splits = {s: _array_split(arrays[xk], arrays.get(yk), ch, f"{path}[{xk}]") for s, xk, yk in layout if xk in arrays}
     names = arrays.get("class_names")
-    return Source(str(path), ch, splits, [str(n) for n in names] if names is not None else None)
+    if names is not None:
+        names = [str(n) for n in np.atleast_1d(names)]
+        top = max((int(y.max()) for _, _, yk in layout if yk in arrays and len(y := arrays[yk])), default=-1)
+        if top >= len(names):
+            raise IgptError(f"{path}: {len(names)} class_names for labels up to {top}")
+    return Source(str(path), ch, splits, names)

@@ -1,9 +1,10 @@
 """Image files -> uint8 arrays: the decoding policy, channel conversion and resizing to n_px x n_px.
 
 Decoding policy for image files (``decode_image``):
-- grey (L, 1-bit) stays grey; RGB stays RGB; CMYK, YCbCr, LAB and HSV are converted to RGB;
+- grey (L, 1-bit, 16-bit grey with or without alpha) stays grey; RGB stays RGB; CMYK, YCbCr, LAB and HSV are
+  converted to RGB;
 - an alpha channel (RGBA, LA, PA, P with transparency, and a PNG's transparent grey or colour, tRNS, on L and
-  RGB) is composited on white;
+  RGB, 8 or 16 bits; a 16-bit colour tRNS is matched on the high bytes, all Pillow keeps) is composited on white;
 - palette images (P) are expanded to RGB;
 - 16-bit grey images (I;16*, I) are scaled to 8 bits (v * 255 / 65535, rounded), never clipped; 16-bit-per-channel
   colour PNGs come from Pillow as 8-bit RGB(A) holding each value's high byte (v // 256: at most one level
@@ -36,14 +37,42 @@ def composite_on_white(rgba: np.ndarray) -> np.ndarray:
     return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def _to_array(im: Image.Image, path: Path) -> np.ndarray:
-    """A decoded PIL image -> uint8 (H, W, 1 or 3) under the policy in the module docstring."""
+def raw_mode(im: Image.Image) -> str | None:
+    """The file's own pixel layout as Pillow's decoder reads it (e.g. 'LA;16B', 'RGB;16B' for 16-bit PNGs), which
+    the mode hides: Pillow opens 16-bit grey + alpha PNGs as RGBA and 16-bit RGB as 8-bit RGB. Read it before
+    ``load()``, which clears the tile list."""
+    if not im.tile:
+        return None
+    args = im.tile[0][3]
+    return args if isinstance(args, str) else (args[0] if args and isinstance(args[0], str) else None)
+
+
+def is_grey(im: Image.Image) -> bool:
+    """Whether the decoding policy gives this (unloaded) image one channel."""
+    return im.mode in GREY_MODES or raw_mode(im) == "LA;16B"
+
+
+def _to_array(im: Image.Image, path: Path, raw: str | None = None) -> np.ndarray:
+    """A decoded PIL image -> uint8 (H, W, 1 or 3) under the policy in the module docstring (``raw``: see
+    ``raw_mode``)."""
     mode = im.mode
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
         a = np.asarray(im).astype(np.int64)
         if a.min() < 0 or a.max() > 65535:
             raise IgptError(f"{path}: integer image with values outside 0..65535 is not supported")
-        return ((a * 255 + 32767) // 65535).astype(np.uint8)[..., None]
+        out = ((a * 255 + 32767) // 65535).astype(np.uint8)
+        t = im.info.get("transparency")
+        if isinstance(t, int):  # a 16-bit PNG's transparent grey (tRNS), compared at 16 bits: white there
+            out[a == t] = 255
+        return out[..., None]
+    if mode == "RGBA" and raw == "LA;16B":  # 16-bit grey + alpha, opened as RGBA (R = G = B): grey on white
+        return composite_on_white(np.asarray(im)[..., [0, 3]])
+    if mode == "RGB" and raw == "RGB;16B" and isinstance(im.info.get("transparency"), tuple):
+        # Pillow keeps the 16-bit tRNS colour but only the high bytes of the pixels (and then compares the two
+        # at different scales, so convert('RGBA') marks nothing): compare high bytes, the finest it allows
+        a = np.asarray(im)
+        hit = (a == np.array([v >> 8 for v in im.info["transparency"]], np.uint8)).all(-1, keepdims=True)
+        return np.where(hit, np.uint8(255), a)
     if mode == "F":
         raise IgptError(f"{path}: floating-point images (mode F) are not supported; save it as 8 or 16 bit")
     if mode in ("LA", "La") or (mode == "L" and "transparency" in im.info):  # alpha, or a PNG tRNS grey
@@ -66,9 +95,10 @@ def decode_image(path: str | Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                raw = raw_mode(im)
                 im.load()
                 im = ImageOps.exif_transpose(im)
-                return _to_array(im, path)
+                return _to_array(im, path, raw)
     except IgptError:
         raise
     except UnidentifiedImageError:
