@@ -219,6 +219,11 @@ def test_load_shards_checks(tmp_path, rng):
         load_shards(tmp_path / "o")
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())  # restore, then damage the labels
     meta["palette_sha256"] = Palette.load(tmp_path / "o" / "palette.npy").hash
+    meta["version"] = 2  # a later igpt's layout: refused by name (the version was never compared)
+    (tmp_path / "o" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(IgptError, match="shard format version 2; this igpt reads version 1"):
+        load_shards(tmp_path / "o")
+    meta["version"] = 1
     (tmp_path / "o" / "meta.json").write_text(json.dumps(meta))
     labels = tmp_path / "o" / "train_labels.npy"
     good = labels.read_bytes()
@@ -231,6 +236,18 @@ def test_load_shards_checks(tmp_path, rng):
             labels.write_bytes(bad)  # truncated
         with pytest.raises(IgptError, match=message):
             load_shards(tmp_path / "o")
+
+
+def test_the_working_folder_is_refused_as_output_before_any_work(tmp_path, rng, monkeypatch):
+    """`--out .` in an empty folder did all the work, then failed to rename onto '.' (EBUSY); refused at once."""
+    import igpt.prepare as P
+
+    data = make_folder(tmp_path / "imgs", rng, per=2)
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setattr(P, "_decode_split", lambda *a: pytest.fail("work began"))
+    with pytest.raises(IgptError, match="the folder you are working in .* cannot be replaced"):
+        prepare(PrepareConfig(out=".", data=str(data), n_px=6, palette_size=5))
 
 
 def test_no_training_images_left_is_a_clear_error(tmp_path, rng):

@@ -122,6 +122,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     if path.is_symlink():  # the folder it names is replaced (a temporary beside the link was left behind, the
         path = Path(os.path.realpath(path))  # link itself became a folder and the target kept the old files)
+    if Path.cwd().resolve().is_relative_to(path.resolve()):  # '.' or above: the final rename could only fail
+        raise IgptError(f"{path}: the folder you are working in (or one above it) cannot be replaced; give the "
+                        "output a new folder name")
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphaned_dirs(path)
     try:
@@ -218,7 +221,7 @@ def read_json(path: str | Path):
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise IgptError(f"{path}: missing") from None
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:  # (RecursionError: deeply nested)
         raise IgptError(f"{path}: not readable JSON ({e})") from None
 
 

@@ -90,6 +90,9 @@ def load_shards(path: str | Path) -> Shards:
     try:
         if meta.get("format") != FORMAT:
             raise IgptError(f"{meta_path}: not an igpt shard description (format {meta.get('format')!r})")
+        if meta.get("version") != FORMAT_VERSION:  # a later igpt's layout: refused, not misread
+            raise IgptError(f"{meta_path}: shard format version {meta.get('version')!r}; this igpt reads version "
+                            f"{FORMAT_VERSION} (prepare the shards again, or use the igpt that wrote them)")
         n_px, counts = int(meta["n_px"]), dict(meta["counts"])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise IgptError(f"{meta_path}: malformed ({e})") from None
