@@ -260,3 +260,115 @@ def test_sharded_checkpoint(tmp_path):
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     model, _, _, _ = load_hf(tmp_path / "hf")
     _compare(ref, model, ar_inputs(torch.randint(0, 16, (2, 64)), 16))
+
+
+def _exported(tmp_path, model=None):
+    """An HF directory as export_hf writes it (config.json, model.safetensors, preprocessor_config.json)."""
+    save_model(tmp_path / "ck", model or tiny_model(), palette=rgb_palette(16))
+    export_hf(tmp_path / "ck", tmp_path / "hf")
+    return tmp_path / "hf"
+
+
+def test_malformed_config_values_are_one_line_errors(tmp_path):
+    """Sizes of the wrong type or sign, and a config.json that is not an object, are refused before any
+    arithmetic on them (they raised TypeError / ValueError / AttributeError)."""
+    hf = _exported(tmp_path)
+    cfg = json.loads((hf / "config.json").read_text())
+    for text, message in ((json.dumps({**cfg, "n_positions": "64"}), "n_positions must be a positive integer, got '64'"),
+                          (json.dumps({**cfg, "n_positions": -4}), "n_positions must be a positive integer, got -4"),
+                          (json.dumps({**cfg, "n_positions": 64.0}), "n_positions must be a positive integer, got 64.0"),
+                          (json.dumps({**cfg, "vocab_size": "17"}), "vocab_size must be a positive integer, got '17'"),
+                          (json.dumps({**cfg, "n_embd": None}), "n_embd must be a positive integer, got None"),
+                          ("[1, 2]", "expected a JSON object, got list")):
+        (hf / "config.json").write_text(text)
+        with pytest.raises(IgptError) as e:
+            import_hf(hf, tmp_path / "out")
+        assert str(e.value) == f"{hf / 'config.json'}: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_weight_index_and_preprocessor_files_name_the_file(tmp_path):
+    """A .bin entry that is not a tensor, a Conv1D weight that is not 2-D, a shard index whose weight_map values
+    are not file names and a preprocessor config that is not an object (or nests too deep) are one-line errors
+    naming the file; each was an AttributeError / RuntimeError / TypeError / RecursionError."""
+    from safetensors.torch import load_file, save_file
+
+    hf = _exported(tmp_path)
+    st, pc = load_file(hf / "model.safetensors"), (hf / "preprocessor_config.json").read_text()
+
+    def check(message):
+        with pytest.raises(IgptError) as e:
+            load_hf(hf)
+        assert str(e.value) == message
+
+    save_file({**st, "transformer.h.0.attn.c_attn.weight": torch.zeros(2, 24, 72)}, hf / "model.safetensors")
+    check(f"{hf}: transformer.h.0.attn.c_attn.weight has shape (2, 24, 72), expected a 2-D (in, out) Conv1D weight")
+    (hf / "model.safetensors").unlink()
+    torch.save({**st, "transformer.wte.weight": 5}, hf / "pytorch_model.bin")
+    check(f"{hf / 'pytorch_model.bin'}: not a state dict of named tensors (entries 'transformer.wte.weight')")
+    (hf / "pytorch_model.bin").unlink()
+    save_file(st, hf / "a.safetensors")
+    index = hf / "model.safetensors.index.json"
+    for value in (["a.safetensors"], 3):
+        index.write_text(json.dumps({"weight_map": {k: value for k in st}}))
+        check(f"{index}: not a shard index (expected a weight_map of tensor names to file names)")
+    index.write_text(json.dumps({"weight_map": {k: "../a.safetensors" for k in st}}))
+    check(f"{index}: shard names must be file names in its folder, got ../a.safetensors")
+    index.write_text(json.dumps({"weight_map": {k: "a.safetensors" for k in st}}))
+    assert load_hf(hf)[1].k == 16  # the well-formed index loads
+    (hf / "preprocessor_config.json").write_text("[1, 2]")
+    check(f"{hf / 'preprocessor_config.json'}: expected a JSON object, got list")
+    (hf / "preprocessor_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(IgptError, match=r"preprocessor_config.json: not readable JSON \(maximum recursion depth"):
+        load_hf(hf)
+    (hf / "preprocessor_config.json").write_text(pc)
+    (hf / "config.json").write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(IgptError, match=r"config.json: not readable JSON \(maximum recursion depth"):
+        load_hf(hf)
+
+
+def _saved_state(tmp_path, model):
+    from safetensors.torch import load_file
+
+    save_model(tmp_path / "ck", model)
+    return tmp_path / "ck" / "model.safetensors", load_file(tmp_path / "ck" / "model.safetensors")
+
+
+def test_integer_checkpoint_tensors_are_refused(tmp_path):
+    """An int64 tensor in model.safetensors is refused by name (it crashed in load_state_dict)."""
+    from safetensors.torch import save_file
+
+    f, st = _saved_state(tmp_path, tiny_model())
+    save_file({**st, "wte.weight": st["wte.weight"].long()}, f)
+    with pytest.raises(IgptError) as e:
+        load_model(tmp_path / "ck")
+    assert str(e.value) == f"{f}: tensors that are not float32, bfloat16, float16 or float64: wte.weight (torch.int64)"
+
+
+def test_mixed_float_checkpoints_are_widened_and_one_dtype_kept(tmp_path):
+    """A float16 or float64 tensor among float32 ones is widened to float32, so the model runs (the mix loaded,
+    then crashed in the forward pass or in sampling); a checkpoint in one dtype, a bf16 model's, keeps it, and
+    an fp16 HF checkpoint still imports as float32."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    f, st = _saved_state(tmp_path, model)
+    idx = ar_inputs(torch.randint(0, 16, (2, 64)), 16)
+    with torch.no_grad():
+        want = model(idx)
+    for dt in (torch.float16, torch.float64):
+        save_file({**st, "wte.weight": st["wte.weight"].to(dt)}, f)
+        back = load_model(tmp_path / "ck")[0]
+        assert {p.dtype for p in back.state_dict().values()} == {torch.float32}
+        with torch.no_grad():
+            assert (back(idx) - want).abs().max() < 1e-2
+        assert generate(back, 1, top_k=1).shape == (1, 64)
+    save_model(tmp_path / "bf16", tiny_model().to(torch.bfloat16))  # one dtype throughout: kept as it is
+    back = load_model(tmp_path / "bf16")[0]
+    assert {p.dtype for p in back.state_dict().values()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert back(idx).dtype == torch.bfloat16
+    hf = _exported(tmp_path / "x", model)
+    save_file({k: v.half() for k, v in load_file(hf / "model.safetensors").items()}, hf / "model.safetensors")
+    import_hf(hf, tmp_path / "from-fp16")
+    assert {p.dtype for p in load_model(tmp_path / "from-fp16")[0].state_dict().values()} == {torch.float32}

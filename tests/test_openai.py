@@ -222,3 +222,36 @@ def test_one_hot_labels_are_read_in_chunks(tmp_path, monkeypatch):
     np.save(tmp_path / "y.npy", y, allow_pickle=False)
     with pytest.raises(IgptError, match="must be one-hot"):
         O._labels(tmp_path / "y.npy", 11)
+
+
+def test_negative_dimension_in_the_index_is_a_one_line_error(tmp_path, capsys):
+    """A shape with a negative dimension (model/wpe (-4, 8)) is refused where the index is parsed, naming the
+    file and the tensor (infer_config's isqrt raised ValueError on it)."""
+    from tf_writer import entry, write
+
+    d = 8
+    shapes = {"model/wte": (4, d), "model/wpe": (-4, d), "model/wtet": (4, d), "model/ln_f/g": (d,),
+              "model/sos": (d,), "model/h0/ln_1/g": (d,), "model/h0/ln_2/g": (d,),
+              "model/h0/mlp/c_fc/w": (d, 4 * d), "model/h0/mlp/c_proj/w": (4 * d, d)}
+    shapes |= {f"model/h0/attn/{n}": (2, d // 2, d) for n in ("q_proj", "k_proj", "v_proj", "c_proj")}
+    prefix = write(tmp_path / "tf" / "model.ckpt-1", {n.encode(): entry(dims=s) for n, s in shapes.items()}, [b""])
+    assert main(["import-openai", str(prefix), "--out", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"igpt: error: {prefix}.index: tensor 'model/wpe' has shape (-4, 8), with a negative dimension")
+    assert not (tmp_path / "ck").exists()
+
+
+def test_prepare_openai_npy_refuses_negative_labels(tmp_path):
+    """1-D labels below 0 (or uint64 ones beyond int64) are refused at prepare time, naming the file; they were
+    written into shards that load_shards then refused."""
+    _write_arrays(tmp_path / "dl")
+    cfg = PrepareConfig(out=str(tmp_path / "s"), data=f"openai-npy:{tmp_path / 'dl'}", palette=str(CENTERS))
+    for y, found in ((np.full(12, -1, np.int64), "-1"), (np.full(12, 2**63, np.uint64), str(2**63))):
+        np.save(tmp_path / "dl" / "trY.npy", y, allow_pickle=False)
+        with pytest.raises(IgptError) as e:
+            prepare(cfg)
+        assert str(e.value) == f"{tmp_path / 'dl' / 'trY.npy'}: labels must be integers in [0, 2^63), found {found}"
+    assert not (tmp_path / "s").exists()
+    np.save(tmp_path / "dl" / "trY.npy", np.arange(12) % 3, allow_pickle=False)  # 1-D labels >= 0: fine
+    prepare(cfg)
+    np.testing.assert_array_equal(load_shards(tmp_path / "s").labels("train"), np.arange(12) % 3)

@@ -176,3 +176,51 @@ def test_ruff_security_rules_catch_unsafe_calls(tmp_path):
     good.write_text("import json\n\n\ndef f(s):\n    return json.loads(s)\n")
     r = subprocess.run([ruff, "check", "--no-cache", "--config", str(pyproject), str(good)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_deeply_nested_files_are_one_line_errors(tmp_path):
+    """JSON or TOML nested past Python's recursion limit: the parsers raise RecursionError, which was a
+    traceback from --config and from every JSON file read with io.read_json (a checkpoint's config.json)."""
+    from igpt.checkpoint import load_model
+    from igpt.settings import read_settings_file
+
+    depth = 100_000
+    (tmp_path / "c.json").write_text('{"data": ' + "[" * depth + "]" * depth + "}")
+    (tmp_path / "c.toml").write_text("data = " + "[" * depth + "]" * depth + "\n")
+    for name, kind in (("c.json", "JSON"), ("c.toml", "TOML")):
+        with pytest.raises(IgptError) as e:
+            read_settings_file(tmp_path / name, "train")
+        assert str(e.value).startswith(f"--config {tmp_path / name}: not a readable {kind} file (maximum recursion")
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text((tmp_path / "c.json").read_text())
+    with pytest.raises(IgptError) as e:
+        load_model(ck)
+    assert str(e.value).startswith(f"{ck / 'config.json'}: not readable JSON (maximum recursion depth exceeded")
+
+
+def test_json_settings_beside_their_table(tmp_path, capsys):
+    """In a JSON --config with a "config" table, a setting found only at the top was silently ignored; it is
+    refused, as in TOML. A run's own record still loads: eval.json repeats settings at the top, train's
+    config.json reports resolved values there (dtype 'float32' for 'auto'), and the table wins, also in a
+    record from an older igpt whose table lacks a field added since."""
+    from igpt.cli import main
+    from igpt.evaluate import EvalConfig
+    from igpt.settings import build, merged
+    from igpt.train_config import TrainConfig
+
+    f = tmp_path / "e.json"
+    f.write_text(json.dumps({"config": {"checkpoint": "ck", "data": "sh", "split": "val"}, "split": "test",
+                             "max_images": 10}))
+    assert main(["eval", "--config", str(f)]) == 2
+    assert capsys.readouterr().err.strip() == (f'igpt: error: --config {f}: settings both at the top (max_images) '
+                                               'and in a "config" table; put them all in one place')
+    f.write_text(json.dumps({"nats_per_token": 1.0, "split": "val", "checkpoint": "ck",
+                             "config": {"checkpoint": "ck", "data": "sh", "split": "val"}}))
+    assert build(EvalConfig, merged(str(f), "config", {"split": "test"}, "eval"), "eval").split == "test"
+    record = TrainConfig(data="sh").to_dict()
+    f.write_text(json.dumps({"train": record, "dtype": "float32", "device": "cpu", "micro_batch_size": 64}))
+    assert build(TrainConfig, merged(str(f), "train", {}, "train"), "train").to_dict() == record
+    older = {k: v for k, v in record.items() if k != "stop_at"}  # a field the older igpt did not have
+    f.write_text(json.dumps({"train": older, "dtype": "float32", "device": "cpu", "micro_batch_size": 64}))
+    assert build(TrainConfig, merged(str(f), "train", {}, "train"), "train").to_dict() == record

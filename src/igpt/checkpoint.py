@@ -124,8 +124,24 @@ def build_model(cfg: ImageGPTConfig, state: dict[str, torch.Tensor], source: str
     bad = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in want.items() if state[k].shape != s]
     if bad:
         raise IgptError(f"{source}: wrong tensor shapes: {', '.join(bad)}")
+    state = _one_float_dtype(state, source)
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _one_float_dtype(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor in one float dtype: a forward pass cannot mix them. A checkpoint saved in
+    one dtype (float32, or a bf16 / fp16 model) keeps it; a mix is widened to float32. Integer (or other)
+    tensors are refused: they are not weights."""
+    bad = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in FLOAT_DTYPES]
+    if bad:
+        raise IgptError(f"{source}: tensors that are not float32, bfloat16, float16 or float64: {', '.join(bad)}")
+    if len({v.dtype for v in state.values()}) > 1:
+        state = {k: v.float() for k, v in state.items()}
+    return state
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

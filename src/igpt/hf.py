@@ -38,27 +38,37 @@ HEAD_KEYS = {"lm_head.weight": None, "score.weight": "score"}
 
 def hf_config_to_ours(hc: dict, source: str) -> ImageGPTConfig:
     """An HF ImageGPT config.json dict -> ImageGPTConfig; IgptError for variants our model does not compute."""
+    if not isinstance(hc, dict):
+        raise IgptError(f"{source}: expected a JSON object, got {type(hc).__name__}")
     if hc.get("model_type") != "imagegpt":
         raise IgptError(f"{source}: model_type is {hc.get('model_type')!r}, not 'imagegpt'")
     need = {"activation_function": "quick_gelu", "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
     bad = [f"{k}={hc[k]!r}" for k, v in need.items() if k in hc and hc[k] != v]
-    n_embd = hc.get("n_embd", 512)
+    n_embd = _count(hc, "n_embd", 512, source)  # the sizes feed arithmetic before ImageGPTConfig checks them
     if hc.get("n_inner") not in (None, 4 * n_embd):
         bad.append(f"n_inner={hc['n_inner']}")
     if bad:
         raise IgptError(f"{source}: unsupported ImageGPT variant ({', '.join(bad)})")
-    n_pos = hc.get("n_positions", 1024)
+    n_pos, vocab = _count(hc, "n_positions", 1024, source), _count(hc, "vocab_size", 513, source)
     n_px = math.isqrt(n_pos)
     if n_px * n_px != n_pos:
         raise IgptError(f"{source}: n_positions {n_pos} is not a square image's pixel count")
     try:  # HF defaults for absent fields; dropout 0 (inference, and the paper trains without it)
-        return ImageGPTConfig(n_px=n_px, palette_size=hc.get("vocab_size", 513) - 1, n_embd=n_embd,
+        return ImageGPTConfig(n_px=n_px, palette_size=vocab - 1, n_embd=n_embd,
                               n_layer=hc.get("n_layer", 24), n_head=hc.get("n_head", 8),
                               norm_eps=hc.get("layer_norm_epsilon", 1e-5),
                               init_std=hc.get("initializer_range", 0.02))
     except IgptError as e:
         raise IgptError(f"{source}: {e}") from None
+
+
+def _count(hc: dict, key: str, default: int, source: str) -> int:
+    """Field ``key`` of an HF config (``default`` when absent), which must be a positive integer."""
+    v = hc.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise IgptError(f"{source}: {key} must be a positive integer, got {v!r}")
+    return v
 
 
 def our_config_to_hf(cfg: ImageGPTConfig) -> dict:
@@ -78,10 +88,7 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
                                ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         index = hf_dir / index_name
         if index.is_file():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as e:
-                raise IgptError(f"{index}: not a readable shard index ({e})") from None
+            files = _shard_files(index)
         elif (hf_dir / single).is_file():
             files = [single]
         else:
@@ -93,12 +100,31 @@ def _read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     raise IgptError(f"{hf_dir}: no model.safetensors or pytorch_model.bin (a save_pretrained directory?)")
 
 
+def _shard_files(index: Path) -> list[str]:
+    """The weight files a sharded checkpoint's index names (its weight_map: tensor name -> file name)."""
+    try:
+        d = json.loads(index.read_text())
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise IgptError(f"{index}: not a readable shard index ({e})") from None
+    wm = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise IgptError(f"{index}: not a shard index (expected a weight_map of tensor names to file names)")
+    outside = sorted(v for v in set(wm.values()) if Path(v).name != v or v in (".", ".."))
+    if outside:  # the shards sit beside the index; a path would read files from elsewhere
+        raise IgptError(f"{index}: shard names must be file names in its folder, got {', '.join(outside)}")
+    return sorted(set(wm.values()))
+
+
 def _read_one(f: Path) -> dict[str, torch.Tensor]:
     if f.suffix == ".safetensors":
         return read_tensors(f)
     state = read_pt(f)  # weights_only: tensors and plain containers only, never arbitrary pickled objects
     if not isinstance(state, dict):
         raise IgptError(f"{f}: holds a {type(state).__name__}, not a state dict")
+    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise IgptError(f"{f}: not a state dict of named tensors (entries {', '.join(bad[:5])}"
+                        f"{' ...' if len(bad) > 5 else ''})")
     return state
 
 
@@ -115,6 +141,8 @@ def hf_state_to_ours(state: dict[str, torch.Tensor], source: str) -> tuple[dict,
             else:
                 heads[HEAD_KEYS[k]] = v
         elif name in ("wte.weight", "wpe.weight", "ln_f.weight") or name.startswith("h."):
+            if CONV1D.match(name) and v.ndim != 2:  # (transposing it would fail before build_model's shape check)
+                raise IgptError(f"{source}: {k} has shape {tuple(v.shape)}, expected a 2-D (in, out) Conv1D weight")
             ours[name] = v.t().contiguous() if CONV1D.match(name) else v
         else:
             unknown.append(k)
@@ -146,8 +174,10 @@ def load_hf(hf_dir: str | Path):
     if pfile.is_file():
         try:
             pc = json.loads(pfile.read_text())
-        except (OSError, ValueError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
             raise IgptError(f"{pfile}: not readable JSON ({e})") from None
+        if not isinstance(pc, dict):
+            raise IgptError(f"{pfile}: expected a JSON object, got {type(pc).__name__}")
         if pc.get("clusters") is not None:
             palette = Palette.load(pfile)
             if pc.get("igpt_channels") == 1 and palette.channels == 3:  # our grey palette, exported as RGB

@@ -32,7 +32,7 @@ def read_settings_file(path: str | Path, section: str) -> dict:
         d = json.loads(text) if kind == "JSON" else tomllib.loads(text)
     except FileNotFoundError:
         raise IgptError(f"--config {p}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
         raise IgptError(f"--config {p}: not a readable {kind} file ({e})") from None
     if not isinstance(d, dict):
         raise IgptError(f"--config {p}: expected a table of settings, got {type(d).__name__}")
@@ -41,8 +41,27 @@ def read_settings_file(path: str | Path, section: str) -> dict:
             others = sorted(k for k in d if k != section)
             raise IgptError(f"--config {p}: settings both at the top ({', '.join(others)}) and in a [{section}] "
                             f"table; put them all in one place")
-        return d[section]
+        return Section(d[section], d, section, f"--config {p}")
     return d
+
+
+class Section(dict):
+    """The ``section`` table of a JSON settings file with other entries beside it (a run's record: resolved
+    values, counts). Only the config class knows which of those are settings, so ``build`` checks them: a
+    setting found only at the top would be silently ignored. One that the table also holds is the record
+    repeating it (train's config.json: dtype 'float32' at the top for 'auto' in the table); the table wins."""
+
+    def __init__(self, table: dict, whole: dict, section: str, where: str):
+        super().__init__(table)
+        self.section, self.where = section, where
+        self.only_top = sorted(k for k in whole if k != section and k not in table)
+
+    def check_top(self, cls) -> None:
+        names = {f.name for f in fields(cls)}
+        clash = [k for k in self.only_top if k in names]
+        if clash:
+            raise IgptError(f"{self.where}: settings both at the top ({', '.join(clash)}) and in a "
+                            f"\"{self.section}\" table; put them all in one place")
 
 
 MAX_SEED = 1 << 62  # torch's generators take 64-bit seeds, and seeds are combined (seed * 1000 + i, seed + rank)
@@ -70,6 +89,8 @@ def check_settings(cls, d: dict, what: str) -> None:
 def build(cls, d: dict, what: str):
     """``cls(**d)`` after ``check_settings``, with lists given for tuple fields made tuples (JSON and TOML have
     no tuples)."""
+    if isinstance(d, Section):
+        d.check_top(cls)
     check_settings(cls, d, what)
     hints = typing.get_type_hints(cls)
     tuples = {k for k, h in hints.items() if (typing.get_origin(h) or h) is tuple}

@@ -259,6 +259,10 @@ class TFCheckpoint:
             raise IgptError(f"{self.index_path}: no bundle header (not a V2 checkpoint index)") from None
         except (ValueError, IndexError, TypeError) as e:
             raise IgptError(f"{self.index_path}: malformed bundle entry ({e})") from None
+        for k, e in self._entries.items():  # a saved tensor's shape is fully known: -1 (unknown) is damage
+            if any(d < 0 for d in e.shape):
+                raise IgptError(f"{self.index_path}: tensor {k.decode('utf-8', 'replace')!r} has shape {e.shape}, "
+                                "with a negative dimension")
         self.num_shards = header.get(1, 0)
         self.big_endian = header.get(2, 0) == 1
         if not isinstance(self.num_shards, int) or self.num_shards < 1:
