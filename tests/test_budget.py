@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from igpt.budget import PROBE_FIT_S, RESERVE, TRAIN_OVERHEAD, plan_steps, step_seconds
+from igpt.budget import PROBE_FIT_S, PROBE_FIXED_S, RESERVE, TRAIN_OVERHEAD, plan_steps, step_seconds
 from igpt.presets import get_preset
 
 
@@ -28,7 +28,7 @@ def test_plan_steps_fits_the_budget():
     assert plan_steps(10**6, **kw)["steps"] == 5000  # capped
     # the probe's fits grow with images x feature sets: reserved before training, and said when over the budget
     fits = plan_steps(600, **kw, n_fit_sets=8)
-    assert fits["reserved_s"] == pytest.approx(big["reserved_s"] + 10000 * 8 * PROBE_FIT_S)
+    assert fits["reserved_s"] == pytest.approx(big["reserved_s"] + 10000 * 8 * PROBE_FIT_S + PROBE_FIXED_S)
     assert fits["steps"] < big["steps"] and fits["later_s"] == pytest.approx(fits["reserved_s"] - RESERVE * 600)
     assert plan_steps(10, **kw, n_fit_sets=8)["later_s"] > 10
 
