@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from igpt.errors import IgptError
 from igpt.model import GELU_SCALE, ImageGPT
+from igpt.ops import sum_of_squares
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Decoder:
                      out: torch.Tensor | None = None) -> torch.Tensor:
         """rms_norm(x) @ W + b for x (N, d). The per-row 1/rms commutes with the matmul, so it scales the output:
         (x @ w) / sqrt(x.x + d eps) + b, with w = sqrt(d) W (4 small kernels instead of rms_norm's ~8)."""
-        r = torch.linalg.vecdot(x, x).add_(self.deps).rsqrt_().unsqueeze_(-1)  # (N, 1)
+        r = sum_of_squares(x).add_(self.deps).rsqrt_().unsqueeze_(-1).to(x.dtype)  # (N, 1); fp32 sum for fp16
         if b is None:
             return torch.mm(x, w, out=out).mul_(r)
         return torch.addcmul(b, torch.mm(x, w), r)

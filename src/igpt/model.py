@@ -112,16 +112,21 @@ def bert_mask(shape: tuple[int, int], generator: torch.Generator | None = None, 
     return torch.rand(shape, generator=generator, device=device) < p
 
 
+def wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the loss (bf16 / fp16 upcast; float64 kept, so model.double() is exact)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def ar_loss(logits: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy in nats per token over every pixel. logits (B, T, K) from ar_inputs(pixels)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), pixels.flatten().long())
+    return F.cross_entropy(wide(logits.flatten(0, 1)), pixels.flatten().long())
 
 
 def bert_loss(logits: torch.Tensor, pixels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Nats per masked token: per image the mean over its masked positions, then the mean over the images that
     have a masked position (an image without one has nothing to score and is left out, not counted as 0; 0 if
     no image has one)."""
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), pixels.flatten().long(), reduction="none")
+    ce = F.cross_entropy(wide(logits.flatten(0, 1)), pixels.flatten().long(), reduction="none")
     m = mask.reshape(ce.shape).to(ce.dtype)
     count = m.view(mask.shape).sum(1)
     per_image = (ce * m).view(mask.shape).sum(1) / count.clamp_min(1.0)
