@@ -100,6 +100,12 @@ def test_mismatched_model_and_shards_are_user_errors(tmp_path):
         evaluate(EvalConfig(str(ck2), str(sh)))
     with pytest.raises(IgptError, match="batch_size"):
         EvalConfig("c", "d", batch_size=0)
+    model = tiny_model(n_px=4, palette_size=6)  # NaN weights printed "nan nats/token" with exit status 0
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    ck3 = save_model(tmp_path / "ck3", model, Palette.load(sh / "palette.npy"))
+    with pytest.raises(IgptError, match="ck3: the negative log-likelihood is nan"):
+        evaluate(EvalConfig(str(ck3), str(sh)))
 
 
 def test_nats_to_bits():

@@ -155,6 +155,8 @@ def test_probe_config_is_validated():
         ProbeConfig("c", "d", "o", labels_per_class=(0,))
     with pytest.raises(IgptError, match="Cs must be"):
         ProbeConfig("c", "d", "o", Cs=(0.0,))
+    with pytest.raises(IgptError, match="Cs must be finite"):  # inf made probe.json invalid JSON (Infinity)
+        ProbeConfig("c", "d", "o", Cs=(float("inf"), 1.0))
     with pytest.raises(IgptError, match="layers 0..2"):
         ProbeConfig("c", "d", "o", layers="0,3").layer_list(2)
 
@@ -200,6 +202,53 @@ def test_run_probe_refuses_empty_splits_and_absent_classes(tmp_path):
     with pytest.raises(IgptError, match="class 2 has 0 training examples, fewer than 3"):
         run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out"), labels_per_class=(3,)))
     assert not (tmp_path / "out").exists()
+
+
+def test_concat_window_outside_the_requested_layers_and_non_finite_features(tmp_path):
+    """--concat K with --layers: the window's layers that --layers left out were silently dropped (often the
+    best layer alone was reported as "concatenated"); they are now computed. A model with NaN weights gave
+    NaN features and a "chance accuracy" probe with exit status 0; now an error naming the layer and split."""
+    from igpt_testutil import tiny_model
+
+    from igpt.checkpoint import save_model
+
+    sh = write_shards(tmp_path / "sh")
+    model = tiny_model(n_px=4, palette_size=6)
+    ck = save_model(tmp_path / "ck", model, Palette.load(sh / "palette.npy"))
+    res = run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out"), layers="0,2", concat=1, Cs=(1.0,)))
+    b = res["best_layer"]
+    assert [r["layer"] for r in res["per_layer"]] == [0, 2]  # the per-layer results: the layers asked for
+    assert res["concat"]["layers"] == [i for i in (b - 1, b, b + 1) if 0 <= i <= 2]  # the whole window
+    with torch.no_grad():
+        model.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    ck = save_model(tmp_path / "ck_nan", model, Palette.load(sh / "palette.npy"))
+    with pytest.raises(IgptError, match="ck_nan: the layer 1 features of the train split are not finite"):
+        run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out2"), Cs=(1.0,)))
+
+
+def test_tiny_c_is_fitted_in_float64_and_nan_features_are_refused():
+    """At C * n far below 1 the float32 line search saw no decrease at float resolution and stopped at W = 0
+    (every prediction class 0: 33% against sklearn's 60% at C = 1e-8, n = 300); such problems are fitted in
+    float64 and returned in float32."""
+    from sklearn.linear_model import LogisticRegression
+
+    from igpt.logreg import Standardizer, fit_batch, fit_logreg
+
+    rng = np.random.default_rng(0)
+    n, K, d = 300, 3, 8
+    y = np.arange(n) % K
+    X = rng.normal(size=(n, d))
+    X[np.arange(n), y % d] += 1.0
+    Z = Standardizer.fit(X)(X).astype(np.float32)
+    for C in (1e-8, 1e-6):
+        ours = fit_logreg(Z, y, C, K)
+        ref = LogisticRegression(C=C, solver="lbfgs", tol=1e-10, max_iter=10000).fit(Z, y)
+        assert ours.W.dtype == torch.float32 and ours.W.abs().max() > 0
+        assert np.abs(ours.W.cpu().numpy() - ref.coef_).max() < 1e-3 * np.abs(ref.coef_).max()
+        assert (ours.predict(Z) == ref.predict(Z)).mean() > 0.99
+    Z[3, 2] = np.nan
+    with pytest.raises(IgptError, match="the features hold NaN or inf"):
+        fit_batch(Z[None], y[None], [[1.0]], K)
 
 
 def test_the_class_count_never_comes_from_test_labels(tmp_path):

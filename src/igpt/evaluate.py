@@ -106,6 +106,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     model, palette = load_model(cfg.checkpoint, device)
     check_compatible(model.config, shards, palette)
     nats = nll(model, tokens, cfg.batch_size, cfg.bert_mask_prob, cfg.seed, device)
+    if not math.isfinite(nats):  # finite weights give finite logits: this model is damaged or diverged
+        raise IgptError(f"{cfg.checkpoint}: the negative log-likelihood is {nats} (NaN or inf logits): damaged "
+                        "weights or a diverged run")
     mode = model.config.mode
     res = {
         "nats_per_token": nats,

@@ -21,6 +21,7 @@ Accuracies are fractions in [0, 1].
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,8 +65,8 @@ class ProbeConfig:
             raise IgptError(f"probe config: concat must be an integer >= 0, got {self.concat!r}")
         if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.labels_per_class):
             raise IgptError(f"probe config: labels_per_class must be positive integers, got {self.labels_per_class}")
-        if not self.Cs or any(not c > 0 for c in self.Cs):
-            raise IgptError(f"probe config: Cs must be positive numbers, got {self.Cs}")
+        if not self.Cs or any(not (c > 0 and math.isfinite(c)) for c in self.Cs):
+            raise IgptError(f"probe config: Cs must be finite positive numbers, got {self.Cs}")
         if self.layers != "all":
             try:
                 ls = [int(s) for s in self.layers.split(",")]
@@ -167,6 +168,16 @@ def low_data(Xtr, ytr, Xva, yva, Xte, yte, ks, seeds: int, Cs, n_classes: int, *
 
 
 # -- the command ----------------------------------------------------------------------------------------------
+def check_finite(feats: dict, checkpoint: str) -> None:
+    """IgptError naming the first layer and split whose features hold NaN or inf (a damaged or diverged model:
+    the fits then reported chance accuracy with exit status 0)."""
+    for s, by_layer in feats.items():
+        for l, f in by_layer.items():  # noqa: E741
+            if not np.isfinite(f).all():
+                raise IgptError(f"{checkpoint}: the layer {l} features of the {s} split are not finite (NaN or "
+                                "inf): damaged weights or a diverged run")
+
+
 def run_probe(cfg: ProbeConfig) -> dict:
     """Run the whole protocol for a checkpoint and shards; write OUT/probe.json and OUT/probe.png."""
     from igpt.checkpoint import load_model
@@ -202,6 +213,7 @@ def run_probe(cfg: ProbeConfig) -> dict:
     keys = cache_keys(cfg.checkpoint, shards, splits) if cache is not None else dict.fromkeys(splits)
     feats = {s: cached_features(model, shards.tokens(s), layers, cfg.batch_size, device, cache, keys[s])
              for s in splits}
+    check_finite(feats, cfg.checkpoint)
     kw = {"max_iter": cfg.max_iter, "device": device}
     res = probe_protocol(feats["train"], y["train"], feats["val"], y["val"], feats["test"], y["test"], cfg.Cs,
                          n_classes, **kw)
@@ -221,6 +233,13 @@ def run_probe(cfg: ProbeConfig) -> dict:
     res["baseline_input"] = BASELINE_INPUT[kind]
     best = res["best_layer"]
     if cfg.concat:
+        window = [l for l in range(best - cfg.concat, best + cfg.concat + 1)  # noqa: E741
+                  if 0 <= l <= model.config.n_layer and l not in feats["train"]]
+        if window:  # layers of the window that --layers left out: one more pass (it had cut the window short)
+            more = {s: cached_features(model, shards.tokens(s), window, cfg.batch_size, device, cache, keys[s])
+                    for s in splits}
+            check_finite(more, cfg.checkpoint)
+            feats = {s: {**feats[s], **more[s]} for s in splits}
         ls = concat_layers(feats["train"], best, cfg.concat)[0]
         cat = {s: {best: concat_layers(feats[s], best, cfg.concat)[1]} for s in splits}
         c = probe_protocol(cat["train"], y["train"], cat["val"], y["val"], cat["test"], y["test"], cfg.Cs,
