@@ -88,7 +88,7 @@ def markdown(res: dict) -> str:
         if case == "quantize":
             if "warm_unseen_images_s" in c["ours"]:  # from a fresh table (the ratio); the other figure beside it
                 other.append(f"fresh table; {_num(c['ours']['warm_unseen_images_s'])} images/s on unseen images "
-                             f"with the table filled by others ({c['ratio_warm_unseen']}x)")
+                             f"with the table filled by others ({c['ratio_warm_unseen']:.1f}x)")
             else:  # results written before 2026-11-27's fix timed the warm pass over the same images
                 other.append(f"cold table {_num(c['ours']['cold_images_s'])} images/s")
         oc = c.get("others_cores", {}).get("max")
@@ -104,6 +104,6 @@ def markdown(res: dict) -> str:
     t = targets(res)
     if t:
         lines += ["", "| target | measured | met |", "|---|---:|---|"]
-        lines += [f"| {case}: {label} | {'-' if v is None else f'{v:.3g}'} | "
+        lines += [f"| {case}: {label} | {'-' if v is None else f'{v:.4g}'} | "
                   f"{_met(met)} |" for case, label, v, met in t]
     return "\n".join(lines)

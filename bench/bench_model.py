@@ -111,8 +111,10 @@ def train_case(name: str, dtype: str, repeats: int, steps: int, peak_gflops: flo
     fpt, N = flops_per_token(our_model(n_px, d, L, H))
     out = {"shape": dict(n_px=n_px, n_embd=d, n_layer=L, n_head=H, batch=B, seq_len=n_px * n_px), "dtype": dtype,
            "steps_per_run": steps, "runs": repeats, "ours_compiled": compile}
+    raw = {}  # unrounded medians: targets are judged on these (a ratio of 3.4996 rounded to 3.5 read as met)
     for impl, recs in runs.items():
         tok_s = median(r["tok_s"] for r in recs)
+        raw[impl] = (tok_s, median(r["peak_rss_mb"] - r["import_rss_mb"] for r in recs))
         out[impl] = {
             "tok_s": round(tok_s, 1), "tok_s_runs": [round(r["tok_s"], 1) for r in recs],
             "peak_mb_above_import": round(median(r["peak_rss_mb"] - r["import_rss_mb"] for r in recs), 1),
@@ -120,15 +122,15 @@ def train_case(name: str, dtype: str, repeats: int, steps: int, peak_gflops: flo
             "achieved_gflops": round(tok_s * fpt / 1e9, 1),
             "others_cores": [r["others_cores"] for r in recs],
         }
-    out["ratio"] = round(out["ours"]["tok_s"] / out["reference"]["tok_s"], 3)
-    out["memory_ratio"] = round(out["ours"]["peak_mb_above_import"] / out["reference"]["peak_mb_above_import"], 3)
+    out["ratio"] = raw["ours"][0] / raw["reference"][0]
+    out["memory_ratio"] = raw["ours"][1] / raw["reference"][1]
     out["flops_per_token"] = fpt
     out["flop_formula"] = f"6 N + 12 L T d per token, N = {N} non-embedding params (head incl.), L={L}, " \
                           f"T={n_px * n_px}, d={d}"
     if peak_gflops:
         out["peak_gflops"] = peak_gflops
-        out["mfu"] = round(out["ours"]["achieved_gflops"] / peak_gflops, 3)
-        out["mfu_reference"] = round(out["reference"]["achieved_gflops"] / peak_gflops, 3)
+        out["mfu"] = raw["ours"][0] * fpt / 1e9 / peak_gflops
+        out["mfu_reference"] = raw["reference"][0] * fpt / 1e9 / peak_gflops
     out["others_cores"] = others_summary(out["ours"]["others_cores"] + out["reference"]["others_cores"])
     return out
 
@@ -177,5 +179,5 @@ def sample_case(model_name: str, rows: int, batch: int, repeats: int, top_k: int
     return {"model": model_name, "batch": batch, "known_tokens": P, "sampled_tokens": T - P, "top_k": top_k,
             **{k: {"images_s": round(batch / med[k], 2), "seconds_runs": [round(x, 3) for x in v]}
                for k, v in times.items()},
-            "ratio": round(med["reference"] / med["ours"], 3), "others_cores": others_summary(others),
+            "ratio": med["reference"] / med["ours"], "others_cores": others_summary(others),
             "others_cores_runs": others}

@@ -174,7 +174,7 @@ def mutate(data: bytes, ops: list[tuple], pool: list[bytes]) -> bytes:
     return bytes(b)
 
 
-class Hang(Exception):
+class Hang(BaseException):  # not an Exception: decode_image turns every Exception into an IgptError
     pass
 
 

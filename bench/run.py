@@ -120,7 +120,9 @@ def main() -> None:
         with open(a.markdown) as f:
             print(markdown(json.load(f)))
         return
-    names = list(CASES) if not a.only else [n.strip() for n in a.only.split(",") if n.strip()]
+    names = list(CASES) if a.only is None else [n.strip() for n in a.only.split(",") if n.strip()]
+    if not names:  # `--only ""` ran the whole suite (10-20 minutes) and `--only ,` nothing
+        ap.error(f"--only: no case named; choose from {', '.join(CASES)}")
     bad = [n for n in names if n not in CASES]
     if bad:
         ap.error(f"--only: unknown case(s) {bad}; choose from {', '.join(CASES)}")
