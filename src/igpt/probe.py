@@ -300,6 +300,7 @@ def plot_png(res: dict) -> bytes:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("linear probe accuracy (%)")
-    ax.legend()
+    # below the axes: inside, it covered the baselines' lines near the top (they sit above the curves)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize="small", frameon=False)
     ax.grid(alpha=0.3)
     return figure_png(fig)
