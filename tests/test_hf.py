@@ -343,6 +343,13 @@ def test_integer_checkpoint_tensors_are_refused(tmp_path):
     with pytest.raises(IgptError) as e:
         load_model(tmp_path / "ck")
     assert str(e.value) == f"{f}: tensors that are not float32, bfloat16, float16 or float64: wte.weight (torch.int64)"
+    hf = _exported(tmp_path / "x")  # an HF file too: import-hf's .float() turned integers into weights
+    from safetensors.torch import load_file
+
+    hst = load_file(hf / "model.safetensors")
+    save_file({**hst, "transformer.wte.weight": hst["transformer.wte.weight"].long()}, hf / "model.safetensors")
+    with pytest.raises(IgptError, match=r"weights that are not floating point: wte.weight \(torch.int64\)"):
+        load_hf(hf)
 
 
 def test_mixed_float_checkpoints_are_widened_and_one_dtype_kept(tmp_path):

@@ -165,6 +165,9 @@ def load_hf(hf_dir: str | Path):
     has_head = "lm_head.weight" in ours
     if not has_head:  # base model or classifier: no generative head in the file
         ours["lm_head.weight"] = torch.zeros(cfg.palette_size, cfg.n_embd)  # (missing tensors: build_model says)
+    ints = [f"{k} ({v.dtype})" for k, v in ours.items() if not v.is_floating_point()]
+    if ints:  # weights are floats: .float() below would have turned damaged integer tensors into weights
+        raise IgptError(f"{hf_dir}: weights that are not floating point: {', '.join(ints)}")
     model = build_model(cfg, {k: v.float() for k, v in ours.items()}, str(hf_dir))
     score = heads.get("score")
     if score is not None and (score.ndim != 2 or score.shape[1] != cfg.n_embd):
