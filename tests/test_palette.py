@@ -53,6 +53,20 @@ def test_cell_search_equals_the_full_search(k, seed):
     assert np.array_equal(pal.quantize(rgb[None]), nearest(to_unit(rgb), pal.centers)[None])
 
 
+def test_a_fresh_table_and_a_partly_filled_one_give_the_same_ids(rng):
+    """A fresh RGB table solves every distinct colour and gathers once (no lookups to try first); a table
+    that has seen some colours looks up first and solves the rest. Same ids either way, empty input included."""
+    centres = rng.uniform(-1, 1, (64, 3)).astype(np.float32)
+    imgs = rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8)
+    want = np.stack([nearest(to_unit(im.reshape(-1, 3)), centres) for im in imgs]).reshape(50, 8, 8)
+    fresh = Palette(centres)
+    assert fresh.quantize(imgs[:0]).shape == (0, 8, 8)  # nothing to solve: the table stays fresh
+    assert np.array_equal(fresh.quantize(imgs), want)
+    partly = Palette(centres)
+    partly.quantize(imgs[:7])
+    assert np.array_equal(partly.quantize(imgs), want) and np.array_equal(partly.quantize(imgs[::-1]), want[::-1])
+
+
 def test_quantize_errors(rng):
     pal = Palette(rng.uniform(-1, 1, (8, 3)))
     with pytest.raises(IgptError, match="RGB.*grey"):

@@ -31,10 +31,11 @@ def channel_name(c: int) -> str:
 
 
 def pack_rgb(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3) -> int64 (...) codes r << 16 | g << 8 | b, the index into a 2^24 lookup table."""
+    """uint8 (..., 3) -> int32 (...) codes r << 16 | g << 8 | b, the index into a 2^24 lookup table (int32: half
+    the memory traffic of int64, 12 against 17 ms for 2M pixels)."""
     p = np.asarray(pixels)
-    codes = p[..., 0].astype(np.int64) << 16
-    codes |= p[..., 1].astype(np.int64) << 8
+    codes = p[..., 0].astype(np.int32) << 16
+    codes |= p[..., 1].astype(np.int32) << 8
     codes |= p[..., 2]
     return codes
 
@@ -62,6 +63,8 @@ def nearest(points: np.ndarray, centres: np.ndarray, margin: float = 1e-4) -> np
         out[s : s + _CHUNK] = i
     return out
 
+
+_UNIT = to_unit(np.arange(256))  # every uint8 value in [-1, 1], float64
 
 # the RGB cube's cells for the nearest-colour search: 32 levels a side, 512 cells. With 16 (4,096 cells, ~7 of
 # 512 centres each instead of ~28) the per-cell loop and the candidate bounds cost more than the longer
@@ -105,7 +108,9 @@ def nearest_rgb(codes: np.ndarray, centres: np.ndarray, candidates: np.ndarray) 
     cells = cell[order]
     starts = np.flatnonzero(np.r_[True, cells[1:] != cells[:-1]])
     ends = np.r_[starts[1:], len(cells)]
-    pts = to_unit(np.stack([r, g, b], axis=1)[order])
+    oc, unit = codes[order], _UNIT  # the points in cell order, each channel through a 256-entry table
+    pts = np.empty((len(oc), 3))  # (7 against 13 ms for 341k colours than stacking and scaling them)
+    pts[:, 0], pts[:, 1], pts[:, 2] = unit[oc >> 16], unit[(oc >> 8) & 255], unit[oc & 255]
     found = np.empty(len(codes), dtype=np.int64)
     for s, e in zip(starts, ends):
         ids = np.flatnonzero(candidates[cells[s]])  # ascending, so argmin's first minimum is the lowest id
@@ -139,6 +144,7 @@ class Palette:
         self.centers = centers  # kept in its own dtype: OpenAI's kmeans_centers.npy loads unchanged
         self._colours = np.rint(127.5 * (centers.astype(np.float64) + 1.0)).clip(0, 255).astype(np.uint8)
         self._lut: np.ndarray | None = None
+        self._solved = 0  # colours in the RGB lookup table (0: fresh, nothing to look up yet)
         self._candidates: np.ndarray | None = None  # cell_candidates, for RGB
 
     @property
@@ -178,22 +184,32 @@ class Palette:
             self.check_channels(got, f"an array of shape {images.shape}")
         lut = self._table()
         codes = images[..., 0] if self.channels == 1 else pack_rgb(images)
+        if self.channels == 3 and not self._solved:  # a fresh table: every colour is new, no lookups to try
+            self._solve(codes)
+            return lut[codes]
         ids = lut[codes]
         missing = ids == _MISSING
         n_missing = np.count_nonzero(missing)
         if n_missing:
             miss = codes[missing]
-            seen = np.zeros(1 << 24, dtype=bool)  # the distinct missing codes, sorted: 10x faster than np.unique
-            seen[miss] = True
-            todo = np.flatnonzero(seen)
-            if self._candidates is None:
-                self._candidates = cell_candidates(self.centers)
-            lut[todo] = nearest_rgb(todo, self.centers, self._candidates)
+            self._solve(miss)
             if 2 * n_missing > missing.size:  # mostly new colours (a fresh table): one plain gather is cheaper
                 ids = lut[codes]
             else:
                 ids[missing] = lut[miss]
         return ids
+
+    def _solve(self, codes: np.ndarray) -> None:
+        """Fill the lookup table for the distinct colours among ``codes`` (RGB)."""
+        if not codes.size:
+            return
+        seen = np.zeros(1 << 24, dtype=bool)  # the distinct codes, sorted: 10x faster than np.unique
+        seen[codes] = True
+        todo = np.flatnonzero(seen)
+        if self._candidates is None:
+            self._candidates = cell_candidates(self.centers)
+        self._lut[todo] = nearest_rgb(todo, self.centers, self._candidates)
+        self._solved += len(todo)
 
     def dequantize(self, ids: np.ndarray) -> np.ndarray:
         """ids (...) -> uint8 pixels (..., C), each id's colour rint(127.5 * (c + 1))."""
