@@ -250,7 +250,7 @@ def test_prepare_openai_npy_refuses_negative_labels(tmp_path):
         np.save(tmp_path / "dl" / "trY.npy", y, allow_pickle=False)
         with pytest.raises(IgptError) as e:
             prepare(cfg)
-        assert str(e.value) == f"{tmp_path / 'dl' / 'trY.npy'}: labels must be integers in [0, 2^63), found {found}"
+        assert str(e.value) == f"{tmp_path / 'dl' / 'trY.npy'}: labels must be in 0 .. 2**63 - 1, got {found} .. {found}"
     assert not (tmp_path / "s").exists()
     np.save(tmp_path / "dl" / "trY.npy", np.arange(12) % 3, allow_pickle=False)  # 1-D labels >= 0: fine
     prepare(cfg)

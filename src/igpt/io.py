@@ -65,6 +65,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def check_writable(path: str | Path) -> None:
+    """IgptError unless a file can be written at ``path`` (its folder exists or can be made, and takes a file:
+    tried with a temporary file, which root's permission bypass makes the only sure test)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IgptError(f"{path} is a folder; give the name of a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise IgptError(f"{path}: cannot write there ({e.strerror or e})") from None
+
+
 def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:
     """Delete the temporaries ``atomic_write_bytes`` leaves beside each of ``names`` in ``folder`` when a
     process is killed between writing and renaming (".config.json.<random>.tmp"); nothing else. Call it only

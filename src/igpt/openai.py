@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from igpt.checkpoint import build_model, save_model
+from igpt.data import check_labels
 from igpt.errors import IgptError
 from igpt.model import ImageGPTConfig
 from igpt.tfcheckpoint import TFCheckpoint
@@ -230,10 +231,7 @@ def _labels(f: Path, n: int) -> np.ndarray:
         y = out
     if y.ndim != 1 or len(y) != n or not np.issubdtype(y.dtype, np.integer):
         raise IgptError(f"{f}: expected {n} integer labels or a one-hot ({n}, classes) array, got {y.dtype} {y.shape}")
-    if n and (y.min() < 0 or y.max() > np.iinfo(np.int64).max):  # shards hold int64 labels >= 0
-        bad = y.min() if y.min() < 0 else y.max()
-        raise IgptError(f"{f}: labels must be integers in [0, 2^63), found {bad}")
-    return y.astype(np.int64)
+    return check_labels(y, n, str(f))  # as every source's: shards hold int64 labels >= 0
 
 
 def prepare_openai_npy(cfg) -> dict:

@@ -193,7 +193,7 @@ class Palette:
         if n_missing:
             miss = codes[missing]
             self._solve(miss)
-            if 2 * n_missing > missing.size:  # mostly new colours (a fresh table): one plain gather is cheaper
+            if 2 * n_missing > missing.size:  # mostly new colours: one plain gather is cheaper
                 ids = lut[codes]
             else:
                 ids[missing] = lut[miss]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from igpt.decode import Decoder
 from igpt.errors import IgptError
-from igpt.io import atomic_write_bytes
+from igpt.io import atomic_write_bytes, check_writable
 from igpt.model import ImageGPT
 from igpt.settings import check_seed
 
@@ -189,23 +189,6 @@ def load_split(shards: str | Path, n_px: int, palette_size: int, palette=None) -
         if split in sh.splits and len(sh.tokens(split)):
             return sh.tokens(split), split
     raise IgptError(f"{shards}: no test or val images to complete from")
-
-
-def check_writable(path: str | Path) -> None:
-    """IgptError unless a file can be written at ``path`` (its folder exists or can be made, and takes a file:
-    tried with a temporary file, which root's permission bypass makes the only sure test)."""
-    import tempfile
-
-    path = Path(path)
-    if path.is_dir():
-        raise IgptError(f"{path} is a folder; give the name of a file to write")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise IgptError(f"{path}: cannot write there ({e.strerror or e})") from None
 
 
 def check_memory(n: int, n_px: int, channels: int) -> None:
