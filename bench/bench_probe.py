@@ -55,6 +55,8 @@ def probe_fit_case(quick: bool, n: int = 20000, d: int = 256, C: float = 0.1) ->
     X, y = features(n + n // 4, d, 10)
     s = Standardizer.fit(X[:n])
     Xtr, ytr, Xte, yte = s(X[:n]), y[:n], s(X[n:]), y[n:]
+    fit_logreg(Xtr[:500], ytr[:500], C, 10, device="cpu")  # warm-up, untimed: first-call costs on both sides
+    LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr[:500], ytr[:500])
     single = interleaved({"ours": lambda: fit_logreg(Xtr, ytr, C, 10, device="cpu"),
                           "reference": lambda: LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr)},
                          repeats)

@@ -148,8 +148,11 @@ def test_bert_mask_ensemble_is_seeded_and_averages(tmp_path, shards):
     assert a["history"] == b["history"] and a["test_accuracy"] == b["test_accuracy"]
     assert "averaged over 3" in a["evaluation"]
     tokens = load_shards(shards).tokens("val")[:40]
-    masks = ft.eval_masks(40, 64, 3, 0.15, seed=5)
+    masks = ft.eval_masks(40, 64, 3, 0.15, seed=5, split="val")
     assert not torch.equal(masks[0], masks[1])
+    assert all(torch.equal(a, b) for a, b in zip(masks, ft.eval_masks(40, 64, 3, 0.15, seed=5, split="val")))
+    test_masks = ft.eval_masks(40, 64, 3, 0.15, seed=5, split="test")  # val's and test's rows were masked alike
+    assert not any(torch.equal(a, b) for a, b in zip(masks, test_masks))
     p3 = ft.predict_proba(a["model"], a["head"], tokens, masks)
     singles = [ft.predict_proba(a["model"], a["head"], tokens, [m]) for m in masks]
     assert np.allclose(p3, np.mean(singles, axis=0)) and not np.allclose(singles[0], singles[1])

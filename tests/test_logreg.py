@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from igpt.errors import IgptError
-from igpt.logreg import Standardizer, _Problems, best_index, fit_batch, fit_logreg, objective
+from igpt.logreg import (
+    ConvergenceWarning,
+    Standardizer,
+    _Problems,
+    best_index,
+    fit_batch,
+    fit_logreg,
+    objective,
+)
 
 
 def blobs(n=600, d=12, k=4, noise=2.0, seed=0):
@@ -119,6 +129,20 @@ def test_separable_data_is_fitted_exactly():
     X[np.arange(120), y] += 3.0  # class c lives along axis c
     m = fit_logreg(Standardizer.fit(X)(X), y, 1.0, 3)
     assert m.accuracy(Standardizer.fit(X)(X), y) == 1.0
+
+
+def test_fits_stopped_by_max_iter_are_marked_and_warned():
+    """A fit that max_iter stopped was reported like a converged one (sklearn warns: ConvergenceWarning)."""
+    X, y = blobs(n=300, d=20, k=4, seed=5)
+    Z = Standardizer.fit(X)(X)
+    with pytest.warns(ConvergenceWarning, match=r"1 of 2 fits stopped at max_iter=10 .*C = 100\)"):
+        fits = fit_batch(Z[None], y[None], [[1e-2, 100.0]], 4, max_iter=10, device="cpu")
+    assert fits.converged.tolist() == [[True, False]]  # 7 and 18 iterations with max_iter 1000
+    assert fits.iterations[0, 1] == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)  # enough iterations: no warning
+        m = fit_logreg(Z, y, 100.0, 4, device="cpu")
+    assert m.converged and m.iterations < 1000
 
 
 def test_standardizer_uses_fit_statistics_and_constant_columns():

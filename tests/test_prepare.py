@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from igpt import prepare as prep
@@ -56,6 +57,9 @@ def test_shards_equal_in_memory_pipeline(tmp_path, rng):
     meta = prepare(cfg)
     sh = load_shards(tmp_path / "out")
     assert meta["counts"] == {"train": 19, "val": 2} and meta["class_names"] == ["a", "b", "c"]
+    # the fit's device, resolved: `prepare --config meta.json` on a machine with a GPU fitted there (None)
+    fitted_on = "cuda" if torch.cuda.is_available() else "cpu"
+    assert meta["config"]["fit_device"] == meta["palette_fit"]["device"] == fitted_on and cfg.fit_device is None
     assert sh.palette.k == 12 and sh.palette.channels == 3 and meta["palette_sha256"] == sh.palette.hash
     ref = in_memory(data, 8, sh.palette)
     for split in ("train", "val"):
@@ -191,6 +195,20 @@ def test_palette_channel_mismatch_refused_before_decoding(tmp_path, rng):
     Palette(rng.uniform(-1, 1, (16, 3))).save(tmp_path / "rgb.npy")
     with pytest.raises(IgptError, match="palette is RGB.*grey"):
         prepare(PrepareConfig(out=str(tmp_path / "o"), palette=str(tmp_path / "rgb.npy"), n_px=8))
+
+
+def test_an_unusable_fit_device_is_refused_before_decoding(tmp_path, rng, monkeypatch):
+    """A config's fit_device 'cuda' on a machine without one was an AssertionError traceback after decoding."""
+    import igpt.prepare as P
+
+    data = make_folder(tmp_path / "imgs", rng)
+    monkeypatch.setattr(P, "_decode_split", lambda *a, **k: pytest.fail("decoded before checking the device"))
+    with pytest.raises(IgptError, match="prepare config fit_device 'nope' is not a torch device"):
+        prepare(PrepareConfig(out=str(tmp_path / "out"), data=str(data), n_px=8, palette_size=4, fit_device="nope"))
+    if not torch.cuda.is_available():
+        with pytest.raises(IgptError, match="prepare config fit_device cuda: not usable on this machine"):
+            prepare(PrepareConfig(out=str(tmp_path / "out"), data=str(data), n_px=8, palette_size=4,
+                                  fit_device="cuda"))
 
 
 def test_config_contradictions():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from igpt.errors import IgptError
 from igpt.features import concat_layers, draw_per_class, extract_features, pixel_features, raw_pixel_features
+from igpt.logreg import fit_batch
 from igpt.model import ar_inputs
 from igpt.palette import Palette
 from igpt.probe import ProbeConfig, low_data, probe_protocol, run_probe
@@ -83,6 +85,28 @@ def test_batches_split_by_memory_give_the_same_choice(monkeypatch):
     assert split["best_layer"] == whole["best_layer"] == 2 and split["C"] == whole["C"]
     for a, b in zip(split["per_layer"], whole["per_layer"]):
         assert a["C"] == b["C"] and a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=0.02)
+
+
+def test_low_data_fits_split_by_memory_give_the_same_results(monkeypatch):
+    """The low-data protocol fitted every seed at every C in one batch whatever its size (K x classes rows per
+    problem); it now splits seeds and grid at BATCH_ELEMENTS logits, with the same results."""
+    import igpt.probe as P
+
+    (tr, va, te), (ytr, yva, yte) = layered(seed=2)
+    Cs = (1e-3, 0.1, 10.0)
+    whole = low_data(tr[2], ytr, va[2], yva, te[2], yte, (10,), 4, Cs, 3)
+    sizes = []
+
+    def counted(X, y, C, *a, **kw):
+        sizes.append(np.asarray(C).size * 3 * X.shape[1])  # problems x classes x examples
+        return fit_batch(X, y, C, *a, **kw)
+
+    monkeypatch.setattr(P, "fit_batch", counted)
+    monkeypatch.setattr(P, "BATCH_ELEMENTS", 2 * 3 * 30)  # two problems of 30 examples per fit
+    split = low_data(tr[2], ytr, va[2], yva, te[2], yte, (10,), 4, Cs, 3)
+    assert len(sizes) == 4 * 2 and max(sizes) <= P.BATCH_ELEMENTS  # 4 seeds x (2 + 1 of the 3 Cs)
+    assert split[0]["Cs"] == whole[0]["Cs"]
+    assert split[0]["accuracies"] == pytest.approx(whole[0]["accuracies"], abs=0.02)
 
 
 def test_poisoned_test_labels_do_not_change_the_choice():
@@ -216,9 +240,13 @@ def test_concat_window_outside_the_requested_layers_and_non_finite_features(tmp_
     model = tiny_model(n_px=4, palette_size=6)
     ck = save_model(tmp_path / "ck", model, Palette.load(sh / "palette.npy"))
     res = run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out"), layers="0,2", concat=1, Cs=(1.0,)))
+    assert not any("max-iter" in w for w in res["warnings"])
     b = res["best_layer"]
     assert [r["layer"] for r in res["per_layer"]] == [0, 2]  # the per-layer results: the layers asked for
     assert res["concat"]["layers"] == [i for i in (b - 1, b, b + 1) if 0 <= i <= 2]  # the whole window
+    few = run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out1"), Cs=(1.0,), max_iter=1))
+    assert any(re.fullmatch(r"\d+ of \d+ logistic-regression fits stopped at --max-iter 1 before converging "
+                            r"\(C = 1\): raise --max-iter", w) for w in few["warnings"]), few["warnings"]
     with torch.no_grad():
         model.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     ck = save_model(tmp_path / "ck_nan", model, Palette.load(sh / "palette.npy"))

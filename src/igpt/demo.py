@@ -254,6 +254,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"      best layer {pres['best_layer']} (chosen on val): test accuracy {100 * pres['test_accuracy']:.1f}% "
           f"vs raw pixels {100 * pres['baseline_test_accuracy']:.1f}%{native}; layers {cat['layers'][0]}-"
           f"{cat['layers'][-1]} concatenated: {100 * cat['test_accuracy']:.1f}%", flush=True)
+    for w in pres["warnings"]:
+        print(f"      warning: {w}", flush=True)
 
     # 5. completions and samples
     t = time.perf_counter()

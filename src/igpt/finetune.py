@@ -107,10 +107,14 @@ def joint_loss(model, head, pixels, labels, mask=None, lambda_gen: float = 1.0) 
     return loss, {"loss": loss.item(), "clf": clf.item(), "gen": None if gen is None else gen.item()}
 
 
-def eval_masks(n: int, t: int, k: int, p: float, seed: int) -> list[torch.Tensor]:
-    """``k`` fixed (n, t) bool masks for one split: the same at every evaluation, different per member."""
-    return [bert_mask((n, t), torch.Generator().manual_seed((seed * 1000 + 7919 + i) % (1 << 63)), p)  # any seed
-            for i in range(k)]
+def eval_masks(n: int, t: int, k: int, p: float, seed: int, split: str) -> list[torch.Tensor]:
+    """``k`` fixed (n, t) bool masks for one split: the same at every evaluation, different per member and per
+    split (val and test had shared masks row for row)."""
+    def gen(i: int) -> torch.Generator:
+        state = np.random.SeedSequence([seed, *split.encode(), i]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(state) >> 1)
+
+    return [bert_mask((n, t), gen(i), p) for i in range(k)]
 
 
 @torch.no_grad()
@@ -191,7 +195,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         raise IgptError(f"{cfg.data}: fine-tuning needs images in train, val and test; empty: {', '.join(empty)}")
     n_classes = class_count(y, shards.meta.get("class_names"), cfg.data)
     bert = mcfg.mode == "bert"
-    masks = {s: eval_masks(len(tokens[s]), mcfg.seq_len, cfg.mask_ensemble, cfg.bert_mask_prob, cfg.seed)
+    masks = {s: eval_masks(len(tokens[s]), mcfg.seq_len, cfg.mask_ensemble, cfg.bert_mask_prob, cfg.seed, s)
              if bert else None for s in ("val", "test")}
 
     torch.manual_seed(cfg.seed)

@@ -23,6 +23,7 @@ Features are standardised with the statistics of the fitting set (``Standardizer
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,11 @@ from igpt.errors import IgptError
 ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 HALVINGS = 30  # a step halved this often without decrease: the problem stops (float32 resolution reached)
 REFRESH = 25  # recompute the logits from the weights every this many iterations (they are updated in place)
+
+
+class ConvergenceWarning(UserWarning):
+    """Some problems of a ``fit_batch`` stopped at ``max_iter`` with a gradient entry still above ``tol`` (as
+    scikit-learn's warning of the same name)."""
 
 
 def objective(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor, C: float) -> torch.Tensor:
@@ -75,6 +81,7 @@ class Fits:
     b: torch.Tensor  # (G, P, K)
     loss: np.ndarray  # (G, P) final objective (nats per example, penalty included)
     iterations: np.ndarray  # (G, P) L-BFGS iterations each problem took
+    converged: np.ndarray | None = None  # (G, P) bool: False where max_iter stopped a problem before ``tol``
 
     def predict(self, X) -> np.ndarray:
         """X (G or 1, m, d) -> predicted classes (G, P, m)."""
@@ -99,6 +106,7 @@ class LogReg:
     b: torch.Tensor  # (K,)
     loss: float  # final objective value (nats per example, penalty included)
     iterations: int
+    converged: bool = True  # False: max_iter stopped the fit before ``tol``
 
     def predict(self, X) -> np.ndarray:
         X = torch.as_tensor(np.asarray(X), device=self.W.device, dtype=self.W.dtype)
@@ -169,7 +177,7 @@ SMALL_CN = 1e-2
 
 
 def _as_dtype(fits: Fits, dtype: torch.dtype) -> Fits:
-    return Fits(fits.W.to(dtype), fits.b.to(dtype), fits.loss, fits.iterations)
+    return Fits(fits.W.to(dtype), fits.b.to(dtype), fits.loss, fits.iterations, fits.converged)
 
 
 def fit_batch(X, y, C, n_classes: int | None = None, *, max_iter: int = 1000, tol: float = 1e-6,
@@ -181,6 +189,7 @@ def fit_batch(X, y, C, n_classes: int | None = None, *, max_iter: int = 1000, to
     of a problem without curvature pairs is min(1, 1 / |g|_1), as torch.optim.LBFGS does). A problem stops when
     its largest gradient entry is below ``tol``, when its objective no longer changes at float resolution or
     its line search finds no decrease, or after ``max_iter`` iterations; stopped problems leave the batch.
+    Problems that ``max_iter`` stopped are marked in ``Fits.converged`` and named in a ``ConvergenceWarning``.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     Xb = torch.as_tensor(np.asarray(X), device=dev, dtype=dtype)
@@ -204,6 +213,7 @@ def fit_batch(X, y, C, n_classes: int | None = None, *, max_iter: int = 1000, to
     Q, N = G * P, K * (pr.d + 1)
     out_T = torch.zeros(Q, K, pr.d + 1, device=dev, dtype=dtype)
     out_it = np.zeros(Q, dtype=np.int64)
+    converged = np.ones(Q, dtype=bool)
     ids = np.arange(Q)  # the working set's problem numbers
     T = out_T.clone()
     Z = pr.logits(T)
@@ -222,6 +232,8 @@ def fit_batch(X, y, C, n_classes: int | None = None, *, max_iter: int = 1000, to
             di = torch.as_tensor(done, device=dev)
             out_T[torch.as_tensor(ids[done], device=dev)] = T[di]
             out_it[ids[done]] = iters[di].cpu().numpy()
+            if it == max_iter:  # the problems still moving: stopped by max_iter, not by their own test
+                converged[ids[act]] = False
             keep = np.flatnonzero(act) if it < max_iter else done[:0]
             if not len(keep):
                 break
@@ -276,8 +288,15 @@ def fit_batch(X, y, C, n_classes: int | None = None, *, max_iter: int = 1000, to
     final = _Problems(Xb, yb, torch.as_tensor(Cb, device=dev), K)
     out_T = out_T.view(G, P, K, -1)
     loss = final.trial(final.logits(out_T.view(Q, K, -1)), out_T.view(Q, K, -1))[0]
+    if not converged.all():
+        w = ConvergenceWarning(f"logistic regression: {int((~converged).sum())} of {Q} fits stopped at max_iter="
+                               f"{max_iter} with a gradient entry above tol={tol:g} (C = "
+                               f"{', '.join(f'{c:g}' for c in sorted(set(Cb.reshape(-1)[~converged])))}); raise "
+                               "max_iter for converged fits")
+        w.stopped, w.fits, w.max_iter, w.Cs = int((~converged).sum()), Q, max_iter, Cb.reshape(-1)[~converged]
+        warnings.warn(w, stacklevel=2)
     return Fits(out_T[..., :-1].contiguous(), out_T[..., -1].contiguous(), loss.view(G, P).cpu().numpy(),
-                out_it.reshape(G, P))
+                out_it.reshape(G, P), converged.reshape(G, P))
 
 
 def fit_logreg(X, y, C: float, n_classes: int | None = None, **kw) -> LogReg:
@@ -288,7 +307,8 @@ def fit_logreg(X, y, C: float, n_classes: int | None = None, **kw) -> LogReg:
     if not C > 0:
         raise IgptError(f"logistic regression: C must be > 0, got {C}")
     fit = fit_batch(X[None], y[None], [[C]], n_classes, **kw)
-    return LogReg(fit.W[0, 0], fit.b[0, 0], float(fit.loss[0, 0]), int(fit.iterations[0, 0]))
+    return LogReg(fit.W[0, 0], fit.b[0, 0], float(fit.loss[0, 0]), int(fit.iterations[0, 0]),
+                  bool(fit.converged[0, 0]))
 
 
 def best_index(accs, Cs) -> int:

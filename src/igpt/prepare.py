@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +194,17 @@ class TokenWriter:
         assert self.left == 0, "row count does not match the header"
 
 
+def fit_device(name: str | None) -> str:
+    """The palette fit's device: ``name`` checked, None -> 'cuda' when present, else 'cpu'."""
+    from igpt.distributed import get_dist_info, pick_device  # torch: only for a fit
+
+    try:
+        device = pick_device(name, get_dist_info())
+    except IgptError as e:
+        raise IgptError(str(e).replace("--device", "prepare config fit_device", 1)) from None
+    return name or device.type
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Build token shards as described in the module docstring; returns the meta.json content."""
     check_replaceable(Path(cfg.out), {"meta.json": "palette_sha256"})  # before any work: never replace a folder we did not write
@@ -206,6 +217,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.palette != "fit":  # check the palette before decoding anything
         pal_file = Palette.load(cfg.palette)
         pal_file.check_channels(src.channels, f"the data ({src.name})")
+    else:  # the fit's device checked (an absent CUDA was an AssertionError after decoding), and recorded
+        cfg = replace(cfg, fit_device=fit_device(cfg.fit_device))  # resolved: `--config meta.json` fits there too
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
         native = Native(cfg, src.channels, tmp)
@@ -239,7 +252,7 @@ def prepare(cfg: PrepareConfig) -> dict:
             fit = fit_palette(px, k, seed=cfg.seed, device=cfg.fit_device)
             palette = fit.palette
             fit_info = {"k": k, "pixels": len(px), "distinct_colours": fit.n_unique, "inertia": fit.inertia,
-                        "iterations": fit.n_iter}
+                        "iterations": fit.n_iter, "device": cfg.fit_device}
         else:
             palette = pal_file
         palette.save(tmp / "palette.npy")

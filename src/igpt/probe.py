@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import numpy as np
 from igpt.errors import IgptError
 from igpt.features import draw_per_class
 from igpt.io import atomic_write_bytes, figure_png
-from igpt.logreg import Standardizer, best_index, fit_batch
+from igpt.logreg import ConvergenceWarning, Standardizer, best_index, fit_batch
 
 PROBE_FILE, PLOT_FILE = "probe.json", "probe.png"
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # sklearn's C (inverse L2 strength on the summed loss); a log grid
@@ -150,16 +151,24 @@ def probe_protocol(train: dict, ytr, val: dict, yva, test: dict, yte, Cs, n_clas
 def low_data(Xtr, ytr, Xva, yva, Xte, yte, ks, seeds: int, Cs, n_classes: int, **kw) -> list[dict]:
     """Step 6 for one feature set: [{labels_per_class, accuracies (per seed), mean, std, Cs (chosen per seed)}].
     Per K, the seeds' draws at every C are one batched fit; each seed's model at its val-chosen C is scored on
-    test (a refit on the same draw at that C would be the same problem)."""
+    test (a refit on the same draw at that C would be the same problem); the seeds and the grid are split into
+    several fits where one would pass BATCH_ELEMENTS logits."""
     s = Standardizer.fit(Xtr)
     Ztr, Zva, Zte = s(Xtr), s(Xva), s(Xte)
     out = []
     for k in ks:
         idx = [draw_per_class(ytr, k, seed, n_classes) for seed in range(seeds)]
-        fit = fit_batch(np.stack([Ztr[i] for i in idx]), np.stack([ytr[i] for i in idx]), [list(Cs)] * seeds,
-                        n_classes, **kw)
-        val = fit.accuracy(Zva[None], np.asarray(yva)[None])  # (seeds, C)
-        test = fit.accuracy(Zte[None], np.asarray(yte)[None])
+        per_fit = n_classes * len(idx[0])  # logits per problem
+        pc = max(1, min(len(Cs), BATCH_ELEMENTS // per_fit))  # C values per fit
+        sc = max(1, min(seeds, BATCH_ELEMENTS // (pc * per_fit)))  # seeds per fit
+        val, test = np.zeros((seeds, len(Cs))), np.zeros((seeds, len(Cs)))  # accuracy per seed and C
+        for a in range(0, seeds, sc):
+            for c in range(0, len(Cs), pc):
+                part = idx[a:a + sc]
+                fit = fit_batch(np.stack([Ztr[i] for i in part]), np.stack([ytr[i] for i in part]),
+                                [list(Cs[c:c + pc])] * len(part), n_classes, **kw)
+                val[a:a + sc, c:c + pc] = fit.accuracy(Zva[None], np.asarray(yva)[None])
+                test[a:a + sc, c:c + pc] = fit.accuracy(Zte[None], np.asarray(yte)[None])
         pick = [best_index(row, Cs) for row in val]
         accs = [float(test[i, j]) for i, j in enumerate(pick)]
         out.append({"labels_per_class": k, "accuracies": accs, "mean": float(np.mean(accs)),
@@ -176,6 +185,22 @@ def check_finite(feats: dict, checkpoint: str) -> None:
             if not np.isfinite(f).all():
                 raise IgptError(f"{checkpoint}: the layer {l} features of the {s} split are not finite (NaN or "
                                 "inf): damaged weights or a diverged run")
+
+
+def unconverged(caught: list, max_iter: int) -> list[str]:
+    """The ConvergenceWarnings among ``caught`` (warnings.catch_warnings records) summed into one message; the
+    others are issued again."""
+    stopped, total, Cs = 0, 0, set()
+    for w in caught:
+        if isinstance(w.message, ConvergenceWarning):
+            stopped, total = stopped + w.message.stopped, total + w.message.fits
+            Cs.update(float(c) for c in w.message.Cs)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not stopped:
+        return []
+    return [f"{stopped} of {total} logistic-regression fits stopped at --max-iter {max_iter} before converging (C = "
+            f"{', '.join(f'{c:g}' for c in sorted(Cs))}): raise --max-iter"]
 
 
 def run_probe(cfg: ProbeConfig) -> dict:
@@ -215,54 +240,56 @@ def run_probe(cfg: ProbeConfig) -> dict:
              for s in splits}
     check_finite(feats, cfg.checkpoint)
     kw = {"max_iter": cfg.max_iter, "device": device}
-    res = probe_protocol(feats["train"], y["train"], feats["val"], y["val"], feats["test"], y["test"], cfg.Cs,
-                         n_classes, **kw)
-    raw = {s: shards.pixels(s) for s in splits}
-    kind = "pixels" if all(v is not None for v in raw.values()) else "palette"
-    baselines = {"": {s: raw_pixel_features(raw[s]) if kind == "pixels"
-                      else pixel_features(shards.tokens(s), shards.palette) for s in splits}}
-    native = {s: shards.pixels(s, native=True) for s in splits}
-    if all(v is not None for v in native.values()):  # the source's own, higher resolution
-        baselines["native_"] = {s: raw_pixel_features(native[s]) for s in splits}
-        res["native_px"] = shards.meta["native_px"]
-    for prefix, pix in baselines.items():
-        base = probe_protocol({0: pix["train"]}, y["train"], {0: pix["val"]}, y["val"], {0: pix["test"]}, y["test"],
-                              cfg.Cs, n_classes, **kw)
-        res.update({f"baseline_{prefix}val_accuracy": base["val_accuracy"],
-                    f"baseline_{prefix}test_accuracy": base["test_accuracy"], f"baseline_{prefix}C": base["C"]})
-    res["baseline_input"] = BASELINE_INPUT[kind]
-    best = res["best_layer"]
-    if cfg.concat:
-        window = [l for l in range(best - cfg.concat, best + cfg.concat + 1)  # noqa: E741
-                  if 0 <= l <= model.config.n_layer and l not in feats["train"]]
-        if window:  # layers of the window that --layers left out: one more pass (it had cut the window short)
-            more = {s: cached_features(model, shards.tokens(s), window, cfg.batch_size, device, cache, keys[s])
-                    for s in splits}
-            check_finite(more, cfg.checkpoint)
-            feats = {s: {**feats[s], **more[s]} for s in splits}
-        ls = concat_layers(feats["train"], best, cfg.concat)[0]
-        cat = {s: {best: concat_layers(feats[s], best, cfg.concat)[1]} for s in splits}
-        c = probe_protocol(cat["train"], y["train"], cat["val"], y["val"], cat["test"], y["test"], cfg.Cs,
-                           n_classes, **kw)
-        res["concat"] = {"layers": ls, "val_accuracy": c["val_accuracy"],
-                         "test_accuracy": c["test_accuracy"], "C": c["C"]}
-    if cfg.labels_per_class:
-        args = (cfg.labels_per_class, cfg.seeds, cfg.Cs, n_classes)
-        rows = low_data(feats["train"][best], y["train"], feats["val"][best], y["val"], feats["test"][best],
-                        y["test"], *args, **kw)
-        for prefix, pix in baselines.items():  # the same draws (seeded by seed and K) for every baseline
-            theirs = low_data(pix["train"], y["train"], pix["val"], y["val"], pix["test"], y["test"], *args, **kw)
-            rows = [{**o, f"baseline_{prefix}mean": b["mean"], f"baseline_{prefix}std": b["std"],
-                     f"baseline_{prefix}accuracies": b["accuracies"], f"baseline_{prefix}Cs": b["Cs"]}
-                    for o, b in zip(rows, theirs)]
-        res["low_data"] = rows
-        res["low_data_protocol"] = ("exactly K train images per class drawn per seed (the same draws for the baseline); C re-swept on the full val "
-                                    "split for every draw; standardised with whole-train statistics; layer "
-                                    f"{best} (chosen on val with all labels); mean and std over seeds")
+    with warnings.catch_warnings(record=True) as caught:  # ConvergenceWarnings: summed into res["warnings"]
+        warnings.simplefilter("always", ConvergenceWarning)
+        res = probe_protocol(feats["train"], y["train"], feats["val"], y["val"], feats["test"], y["test"], cfg.Cs,
+                             n_classes, **kw)
+        raw = {s: shards.pixels(s) for s in splits}
+        kind = "pixels" if all(v is not None for v in raw.values()) else "palette"
+        baselines = {"": {s: raw_pixel_features(raw[s]) if kind == "pixels"
+                          else pixel_features(shards.tokens(s), shards.palette) for s in splits}}
+        native = {s: shards.pixels(s, native=True) for s in splits}
+        if all(v is not None for v in native.values()):  # the source's own, higher resolution
+            baselines["native_"] = {s: raw_pixel_features(native[s]) for s in splits}
+            res["native_px"] = shards.meta["native_px"]
+        for prefix, pix in baselines.items():
+            base = probe_protocol({0: pix["train"]}, y["train"], {0: pix["val"]}, y["val"], {0: pix["test"]}, y["test"],
+                                  cfg.Cs, n_classes, **kw)
+            res.update({f"baseline_{prefix}val_accuracy": base["val_accuracy"],
+                        f"baseline_{prefix}test_accuracy": base["test_accuracy"], f"baseline_{prefix}C": base["C"]})
+        res["baseline_input"] = BASELINE_INPUT[kind]
+        best = res["best_layer"]
+        if cfg.concat:
+            window = [l for l in range(best - cfg.concat, best + cfg.concat + 1)  # noqa: E741
+                      if 0 <= l <= model.config.n_layer and l not in feats["train"]]
+            if window:  # layers of the window that --layers left out: one more pass (it had cut the window short)
+                more = {s: cached_features(model, shards.tokens(s), window, cfg.batch_size, device, cache, keys[s])
+                        for s in splits}
+                check_finite(more, cfg.checkpoint)
+                feats = {s: {**feats[s], **more[s]} for s in splits}
+            ls = concat_layers(feats["train"], best, cfg.concat)[0]
+            cat = {s: {best: concat_layers(feats[s], best, cfg.concat)[1]} for s in splits}
+            c = probe_protocol(cat["train"], y["train"], cat["val"], y["val"], cat["test"], y["test"], cfg.Cs,
+                               n_classes, **kw)
+            res["concat"] = {"layers": ls, "val_accuracy": c["val_accuracy"],
+                             "test_accuracy": c["test_accuracy"], "C": c["C"]}
+        if cfg.labels_per_class:
+            args = (cfg.labels_per_class, cfg.seeds, cfg.Cs, n_classes)
+            rows = low_data(feats["train"][best], y["train"], feats["val"][best], y["val"], feats["test"][best],
+                            y["test"], *args, **kw)
+            for prefix, pix in baselines.items():  # the same draws (seeded by seed and K) for every baseline
+                theirs = low_data(pix["train"], y["train"], pix["val"], y["val"], pix["test"], y["test"], *args, **kw)
+                rows = [{**o, f"baseline_{prefix}mean": b["mean"], f"baseline_{prefix}std": b["std"],
+                         f"baseline_{prefix}accuracies": b["accuracies"], f"baseline_{prefix}Cs": b["Cs"]}
+                        for o, b in zip(rows, theirs)]
+            res["low_data"] = rows
+            res["low_data_protocol"] = ("exactly K train images per class drawn per seed (the same draws for the baseline); C re-swept on the full val "
+                                        "split for every draw; standardised with whole-train statistics; layer "
+                                        f"{best} (chosen on val with all labels); mean and std over seeds")
     edge = [f"{what} chose C = {c:g}, the edge of the grid: widen --cs" for what, c in
             (("the probe", res["C"]), ("the baseline", res["baseline_C"])) if c in (min(cfg.Cs), max(cfg.Cs))]
     res.update({
-        "warnings": edge if len(cfg.Cs) > 1 else [],
+        "warnings": (edge if len(cfg.Cs) > 1 else []) + unconverged(caught, cfg.max_iter),
         "accuracy_unit": "fraction in [0, 1]", "mode": model.config.mode, "n_classes": n_classes,
         "counts": {s: len(y[s]) for s in splits}, "C_grid": list(cfg.Cs),
         "objective": "sklearn LogisticRegression(C, lbfgs): C * sum CE + ||W||^2 / 2, multinomial, bias unpenalised",
