@@ -281,7 +281,8 @@ def test_prepare_and_eval_settings_files(tmp_path, monkeypatch, capsys):
     assert "prepare: --out required" in capsys.readouterr().err
 
     monkeypatch.setattr(igpt.evaluate, "evaluate", lambda cfg: seen.append(cfg) or {
-        "split": cfg.split, "nats_per_token": 1.0, "bits_per_token": 1.4, "images": 1, "tokens": "t", "out": "o"})
+        "split": cfg.split, "nats_per_token": 1.0, "bits_per_token": 1.4, "images": 1, "images_scored": 1,
+        "tokens_scored": 4, "tokens": "t", "out": "o"})
     e = tmp_path / "e.json"
     e.write_text(json.dumps({"nats_per_token": 1.0, "config": {"checkpoint": "ck", "data": "sh", "split": "val",
                                                                 "out": None, "bert_mask_prob": 0.3}}))
@@ -354,8 +355,10 @@ def test_eval_and_probe_commands(tmp_path, capsys, monkeypatch):
     ck = save_model(tmp_path / "ck", tiny_model(n_px=4, palette_size=6), Palette.load(sh / "palette.npy"))
     r = run("eval", "--checkpoint", str(ck), "--data", str(sh), "--out", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stderr
-    assert "nats/token" in r.stdout and "bits/token" in r.stdout
+    assert "nats/token" in r.stderr and "bits/token" in r.stderr  # the human line; stdout is the JSON
     e = json.loads((tmp_path / "e.json").read_text())
+    assert json.loads(r.stdout) == {**e, "out": str(tmp_path / "e.json")}
+    assert e["images_scored"] == e["images"] and e["tokens_scored"] == e["images"] * e["tokens_per_image"]
     assert e["bits_per_token"] == pytest.approx(e["nats_per_token"] / np.log(2))
     r = run("probe", "--checkpoint", str(ck), "--data", str(sh), "--out", str(tmp_path / "p"), "--layers", "0,2",
             "--labels-per-class", "2,5", "--seeds", "2", "--cs", "0.1,1", "--cache")

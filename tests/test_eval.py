@@ -13,7 +13,7 @@ from test_probe import write_shards
 
 from igpt.checkpoint import save_model
 from igpt.errors import IgptError
-from igpt.evaluate import EvalConfig, evaluate, nats_to_bits, nll
+from igpt.evaluate import EvalConfig, evaluate, nats_to_bits, nll, score
 from igpt.palette import Palette
 from igpt.shards import load_shards
 
@@ -88,6 +88,17 @@ def test_bert_nll_leaves_out_images_without_a_masked_pixel():
         assert nll(model, tokens, batch_size=bs, mask_prob=0.05, seed=5) == pytest.approx(ref, rel=1e-5)
     with pytest.raises(IgptError, match="no image got a masked pixel"):
         nll(model, tokens[:2], mask_prob=1e-9)
+    assert score(model, tokens, mask_prob=0.05, seed=5)[1:] == (int(has.sum()), int(mask.sum()))
+
+
+def test_eval_records_the_images_and_tokens_it_scored(tmp_path):
+    """eval.json said "images": 60 for a BERT model that scored 16 of them (the others had no masked pixel)."""
+    sh = write_shards(tmp_path / "sh", n_px=4, k=6)
+    ck = save_model(tmp_path / "ck", tiny_model(n_px=4, palette_size=6, mode="bert"), Palette.load(sh / "palette.npy"))
+    res = evaluate(EvalConfig(str(ck), str(sh), bert_mask_prob=0.02, out=str(tmp_path / "e.json")))
+    mask = torch.rand(60, 16, generator=torch.Generator().manual_seed(0)) < 0.02
+    assert res["images"] == 60 and res["images_scored"] == int(mask.any(1).sum()) < 60
+    assert res["tokens_scored"] == int(mask.sum())
 
 
 def test_mismatched_model_and_shards_are_user_errors(tmp_path):

@@ -1,5 +1,6 @@
 """ImageGPT model: config validation, presets, parity with transformers, masking, features, checkpointing."""
 
+import copy
 import json
 import math
 from types import SimpleNamespace
@@ -159,6 +160,23 @@ def test_a_half_precision_model_keeps_its_norm_statistics_in_range():
     with torch.no_grad():
         last = Decoder(m, 2).prefill(idx[:, :10]).float()
     assert torch.allclose(last, want[:, 9], atol=3e-2 * want.abs().max().item())
+    # the probe's features and fine-tuning go through the norm module itself: those became all zeros
+    f32, f16 = (mm.features(idx, [0, 1, 2]) for mm in (copy.deepcopy(m).float(), m))
+    for layer in (0, 1, 2):
+        assert f16[layer].dtype == torch.float16
+        assert torch.allclose(f16[layer].float(), f32[layer], atol=2e-2), layer
+    x = (torch.randn(4, 32) * 300).half().requires_grad_()  # rms 300: x.x overflows fp16
+    w = torch.ones(32, dtype=torch.float16, requires_grad=True)
+    y = rms_norm(x, w, 1e-5)
+    (y.float() * torch.arange(32.0)).sum().backward()
+    xr = x.detach().double().requires_grad_()
+    wr = w.detach().double().requires_grad_()
+    yr = rms_norm(xr, wr, 1e-5)
+    (yr * torch.arange(32.0, dtype=torch.double)).sum().backward()
+    assert y.dtype == x.grad.dtype == w.grad.dtype == torch.float16
+    assert torch.allclose(y.double(), yr, atol=1e-2)
+    assert torch.allclose(x.grad.double(), xr.grad, atol=1e-2 * xr.grad.abs().max().item())
+    assert torch.allclose(w.grad.double(), wr.grad, rtol=1e-2, atol=1e-2)
 
 
 def test_the_losses_keep_float64():

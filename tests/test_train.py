@@ -37,9 +37,10 @@ def test_ranks_take_disjoint_parts_of_each_global_batch():
 
 def test_masks_and_augmentation_do_not_depend_on_the_rank_split():
     tokens = np.random.default_rng(0).integers(0, 8, (40, 16)).astype(np.uint16)
-    full, m = BatchStream(tokens, 4, 8, seed=1).batch_at(2, "bert", 0.3, True)
+    full, m, scored = BatchStream(tokens, 4, 8, seed=1).batch_at(2, "bert", 0.3, True)
     parts = [BatchStream(tokens, 4, 8, seed=1, rank=r, world_size=2).batch_at(2, "bert", 0.3, True) for r in (0, 1)]
     assert torch.equal(torch.cat([p[0] for p in parts]), full) and torch.equal(torch.cat([p[1] for p in parts]), m)
+    assert scored == int(m.any(1).sum()) == parts[0][2] == parts[1][2]  # the global batch's, on every rank
     big = BatchStream(tokens, 4, 8, seed=2**61).batch_at(2, "bert", 0.3, True)  # any allowed seed works
     assert big[0].shape == full.shape
 
@@ -214,6 +215,55 @@ def test_run_directory_and_learning(shards, tmp_path, objective, augment):
     assert ck == ["latest", "step-000008", "step-000012"]  # keep 2
     assert (out / "checkpoints" / "latest").read_text().strip() == "step-000012"
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+
+
+def test_bert_loss_is_the_global_batch_mean_whatever_the_micro_batches(shards, tmp_path):
+    """Each micro-batch's BERT loss (a mean over its images with a masked pixel) weighed 1 / accum however many
+    such images it had: at a low mask rate a micro-batch with none added a loss of 0 and halved the step's mean
+    (2.04 against 1.02 nats; so 2 ranks trained apart from 1). Now weighed by its share of those images."""
+    runs = {}
+    for micro in (None, 2):
+        out = tmp_path / f"m{micro}"
+        runs[micro] = train(tiny(shards, out, objective="bert", bert_mask_prob=0.02, micro_batch_size=micro,
+                                 save_every=6))
+    a, b = runs[None], runs[2]
+    assert a["losses"] == pytest.approx(b["losses"], rel=1e-5, abs=1e-6)
+    for (name, p), q in zip(a["model"].state_dict().items(), b["model"].state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-5), name
+
+
+@pytest.mark.parametrize("objective", ["ar", "bert"])
+def test_validation_under_several_ranks_scores_every_image_with_equal_passes(shards, monkeypatch, objective):
+    """Each rank scored n // W images, so n % W of the asked-for images were silently dropped (33 images on 2
+    ranks scored 32). Shares now differ by one image at most, and every rank runs the same number of forward
+    passes (FSDP's forward is collective), the extra ones at weight 0."""
+    import contextlib
+
+    from igpt.distributed import DistInfo
+    from igpt.model import ImageGPT
+    from igpt.shards import load_shards
+
+    sh = load_shards(shards)
+    cfg = tiny(shards, "unused", objective=objective, eval_images=11)
+    mcfg = T.resolve_model_config(cfg, sh.meta)
+    model = ImageGPT(mcfg)
+    val = sh.tokens("val")
+    one = T.evaluate(model, val, mcfg, cfg, 2, torch.device("cpu"), contextlib.nullcontext)
+    sums, passes = [], []
+    forward = ImageGPT.forward
+    for r in range(3):
+        calls = []
+        monkeypatch.setattr(ImageGPT, "forward", lambda self, *a, _c=calls, **k: _c.append(1) or forward(self, *a, **k))
+        monkeypatch.setattr(T.D, "get_dist_info", lambda r=r: DistInfo(r, r, 3))
+        monkeypatch.setattr(T.D, "all_reduce_sum", lambda t: sums.append(t.clone()) or t)
+        T.evaluate(model, val, mcfg, cfg, 2, torch.device("cpu"), contextlib.nullcontext)
+        passes.append(len(calls))
+    total = sum(sums)
+    masks = torch.rand(11, val.shape[1], generator=torch.Generator().manual_seed(cfg.seed + 7919)) < 0.15
+    # every image once (11 = 4 + 4 + 3: the old split scored 9); BERT: those with a masked pixel
+    assert total[1].item() == (11 if objective == "ar" else int(masks.any(1).sum()))
+    assert (total[0] / total[1]).item() == pytest.approx(one, rel=1e-6)
+    assert passes == [2, 2, 2]
 
 
 def test_existing_foreign_folder_is_not_replaced(shards, tmp_path):

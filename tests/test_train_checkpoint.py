@@ -135,6 +135,16 @@ def test_resume_refuses_another_model_and_changed_settings(shards, tmp_path):
         train(tiny(shards, tmp_path / "run", steps=2, resume="auto", lr=0.1))
     res = train(tiny(shards, tmp_path / "run", steps=2, resume="auto", log_every=2))  # bookkeeping may change
     assert res["losses"] == {}
+
+
+def test_the_micro_batch_size_may_change_on_resume(shards, tmp_path):
+    """It only bounds memory, and a run moved to another rank count may need another one: it was refused as a
+    changed setting (a run started with --micro-batch-size could not continue on other ranks at all)."""
+    whole = train(tiny(shards, tmp_path / "a", objective="bert", micro_batch_size=2))
+    train(tiny(shards, tmp_path / "b", objective="bert", micro_batch_size=2, stop_at=2))
+    rest = train(tiny(shards, tmp_path / "b", objective="bert", resume="auto"))  # one micro-batch of 4 now
+    assert sorted(rest["losses"]) == [3, 4]
+    assert [rest["losses"][n] for n in (3, 4)] == pytest.approx([whole["losses"][n] for n in (3, 4)], rel=1e-5)
     with pytest.raises(IgptError, match="no such checkpoint"):
         train(tiny(shards, tmp_path / "other", resume=str(tmp_path / "nothing")))
 

@@ -6,6 +6,7 @@ User errors (``IgptError``) print one line, ``igpt: error: ...``, and exit with 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -159,8 +160,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = _settings(args, EvalConfig, "config", "eval", required=("checkpoint", "data"))
     res = evaluate(cfg)
-    print(f"{res['split']}: {res['nats_per_token']:.5f} nats/token = {res['bits_per_token']:.5f} bits/token "
-          f"over {res['images']} images ({res['tokens']}); wrote {res['out']}")
+    print(json.dumps(res, indent=2))  # the interface: JSON on stdout (as in the file, plus "out")
+    print(f"{res['split']}: {res['nats_per_token']:.5f} nats/token = {res['bits_per_token']:.5f} bits/token over "
+          f"{res['tokens_scored']} tokens of {res['images_scored']} images ({res['tokens']}); wrote {res['out']}",
+          file=sys.stderr)
     return 0
 
 

@@ -66,10 +66,16 @@ def check_compatible(model_cfg, shards, checkpoint_palette=None) -> None:
         raise IgptError(f"{shards.root}: the shards were made with another palette than the checkpoint's")
 
 
-@torch.no_grad()
 def nll(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int = 0, device="cpu") -> float:
     """Mean negative log-likelihood in nats per token of uint16 ids (N, T) (AR: every pixel; BERT: masked
     pixels under a fixed mask drawn from ``seed``, per image then over the images with a masked pixel)."""
+    return score(model, tokens, batch_size, mask_prob, seed, device)[0]
+
+
+@torch.no_grad()
+def score(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int = 0,
+          device="cpu") -> tuple[float, int, int]:
+    """``nll``'s mean, the images it averages over and the tokens it scored (BERT: those masked)."""
     from igpt.model import scored_images
     from igpt.train import micro_loss
 
@@ -80,6 +86,7 @@ def nll(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int 
     g = torch.Generator().manual_seed(seed)
     masks = torch.rand(n, tokens.shape[1], generator=g) < mask_prob if cfg.mode == "bert" else None
     total, images = 0.0, 0
+    scored = n * tokens.shape[1] if masks is None else int(masks.sum())
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)
         px = torch.from_numpy(check_ids(tokens[i:j].astype("int64"), cfg.palette_size)).to(device)
@@ -89,7 +96,7 @@ def nll(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int 
         images += w
     if images == 0:
         raise IgptError(f"no image got a masked pixel at mask probability {mask_prob}: nothing to score")
-    return total / images
+    return total / images, images, scored
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -105,7 +112,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     device = pick_device(cfg.device, get_dist_info())
     model, palette = load_model(cfg.checkpoint, device)
     check_compatible(model.config, shards, palette)
-    nats = nll(model, tokens, cfg.batch_size, cfg.bert_mask_prob, cfg.seed, device)
+    nats, images, scored = score(model, tokens, cfg.batch_size, cfg.bert_mask_prob, cfg.seed, device)
     if not math.isfinite(nats):  # finite weights give finite logits: this model is damaged or diverged
         raise IgptError(f"{cfg.checkpoint}: the negative log-likelihood is {nats} (NaN or inf logits): damaged "
                         "weights or a diverged run")
@@ -116,7 +123,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         "tokens": "every pixel, the first scored from SOS" if mode == "ar" else
                   f"masked pixels only: a fixed mask (seed {cfg.seed}), each pixel masked with probability "
                   f"{cfg.bert_mask_prob}; mean per image, then over the images with a masked pixel",
-        "mode": mode, "split": cfg.split, "images": len(tokens), "tokens_per_image": int(tokens.shape[1]),
+        "mode": mode, "split": cfg.split, "images": len(tokens), "images_scored": images,
+        "tokens_scored": scored, "tokens_per_image": int(tokens.shape[1]),
         "palette_size": model.config.palette_size, "checkpoint": str(cfg.checkpoint), "data": str(cfg.data),
         "config": asdict(cfg),
     }

@@ -39,8 +39,10 @@ class BatchStream:
             out[sel] = self.order(int(epoch))[pos[sel] % n]
         return out
 
-    def batch_at(self, step: int, objective: str, mask_prob: float, augment: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """This rank's (pixels (b, T) int64, BERT mask (b, T) bool or None) for global step ``step``."""
+    def batch_at(self, step: int, objective: str, mask_prob: float,
+                 augment: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """This rank's (pixels (b, T) int64, BERT mask (b, T) bool or None) for global step ``step``, and how many
+        images of the whole global batch its loss averages over (AR: all; BERT: those with a masked pixel)."""
         rows = self.rows(step)
         order = np.argsort(rows, kind="stable")  # read the memory map in ascending order
         pixels = np.empty((len(rows), self.tokens.shape[1]), dtype=np.int64)
@@ -54,10 +56,11 @@ class BatchStream:
             shifts = torch.randint(0, 2 * pad + 1, (self.batch, 2), generator=g)[lo:hi].numpy()
             flips = (torch.rand(self.batch, generator=g) < 0.5)[lo:hi].numpy()
             pixels = crop_flip(pixels, self.n_px, pad, shifts, flips)
-        mask = None
+        mask, scored = None, self.batch
         if objective == "bert":
-            mask = (torch.rand(self.batch, pixels.shape[1], generator=g) < mask_prob)[lo:hi]
-        return torch.from_numpy(pixels), mask
+            full = torch.rand(self.batch, pixels.shape[1], generator=g) < mask_prob
+            mask, scored = full[lo:hi], int(full.any(1).sum())
+        return torch.from_numpy(pixels), mask, scored
 
 
 def _advise(tokens: np.ndarray, advice: str) -> None:

@@ -67,20 +67,21 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1)
+        xf = x.float() if x.dtype == torch.float16 else x  # fp16's x^2 overflows past 256: rstd 0 (sum_of_squares)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1), float32 for fp16 x
         ctx.save_for_backward(x, w, rstd)
-        return (x * rstd).mul_(w)
+        return (x * rstd).to(x.dtype).mul_(w)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         first_derivative_only("rms_norm")
         x, w, rstd = ctx.saved_tensors
         xhat = x * rstd
-        gw = g * w
+        gw = (g * w).to(xhat.dtype)  # float32 for fp16 x (rstd is)
         dot = torch.linalg.vecdot(gw, xhat).unsqueeze(-1).div_(x.shape[-1])  # (..., 1)
         dx = torch.addcmul(gw, xhat, dot, value=-1.0).mul_(rstd)  # rstd * (gw - xhat * mean(gw * xhat))
         dw = (g * xhat).reshape(-1, x.shape[-1]).sum(0)
-        return dx, dw, None
+        return dx.to(x.dtype), dw.to(w.dtype), None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

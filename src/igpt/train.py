@@ -99,25 +99,28 @@ def micro_loss(model, pixels: torch.Tensor, mask: torch.Tensor | None, cfg: Imag
 
 @torch.no_grad()
 def evaluate(model, tokens, mcfg: ImageGPTConfig, cfg: TrainConfig, micro: int, device, autocast) -> float:
-    """Validation loss in nats per token over the first ``cfg.eval_images`` val images (rounded down to a
-    multiple of the rank count; each rank takes a disjoint slice, the same number of micro-batches each)."""
+    """Validation loss in nats per token over the first ``cfg.eval_images`` val images (all of them: each rank
+    takes a disjoint slice, shares differing by at most one image; every rank runs the same number of forward
+    passes, as FSDP needs, a rank whose share is done repeating its first image at weight 0)."""
     info = D.get_dist_info()
     n = len(tokens) if cfg.eval_images == 0 else min(cfg.eval_images, len(tokens))
-    per = n // info.world_size
-    lo = info.rank * per
+    lo, hi = info.rank * n // info.world_size, (info.rank + 1) * n // info.world_size
+    passes = math.ceil(math.ceil(n / info.world_size) / micro)  # the largest share's micro-batches
     g = torch.Generator().manual_seed(cfg.seed + 7919)  # the same BERT masks at every evaluation
     masks = torch.rand(n, tokens.shape[1], generator=g) < cfg.bert_mask_prob if cfg.objective == "bert" else None
     was = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of per-image losses, images)
-    for i in range(lo, lo + per, micro):
-        j = min(i + micro, lo + per)
+    for k in range(passes):
+        i, j = lo + k * micro, min(lo + (k + 1) * micro, hi)
+        i, j, live = (i, j, True) if i < hi else (lo, lo + 1, False)
         px = torch.from_numpy(check_ids(tokens[i:j].astype("int64"), mcfg.palette_size)).to(device)
         m = None if masks is None else masks[i:j].to(device)
         with autocast():
             loss = micro_loss(model, px, m, mcfg)
-        w = scored_images(px, m)
-        total += torch.tensor([loss.item() * w, w], dtype=torch.float64, device=device)
+        if live:
+            w = scored_images(px, m)
+            total += torch.tensor([loss.item() * w, w], dtype=torch.float64, device=device)
     model.train(was)
     D.all_reduce_sum(total)
     return (total[0] / total[1].clamp_min(1)).item()
@@ -261,17 +264,22 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             lr = lr_at(step, cfg.lr, cfg.warmup, cfg.steps)
             for group in opt.param_groups:
                 group["lr"] = lr
-            pixels, mask = stream.batch_at(step, cfg.objective, cfg.bert_mask_prob, cfg.augment)  # (b, T)
+            pixels, mask, scored = stream.batch_at(step, cfg.objective, cfg.bert_mask_prob, cfg.augment)  # (b, T)
             check_ids(pixels.numpy(), mcfg.palette_size)
             pixels = pixels.to(device)
             total = torch.zeros((), device=device)
             for k in range(accum):
                 sl = slice(k * micro, (k + 1) * micro)
+                # a micro-batch weighs by its share of the images the global batch's loss averages over (the
+                # gradients are then averaged over ranks): 1 / accum for AR; for BERT the images with a masked
+                # pixel, which vary, so equal weights made 1 and W ranks (or micro-batch sizes) train apart
                 D.grad_sync(wrapped, k == accum - 1)
                 with autocast():
                     loss = micro_loss(wrapped, pixels[sl], None if mask is None else mask[sl].to(device), mcfg)
-                (loss / accum).backward()
-                total += loss.detach() / accum
+                part = loss / accum if mask is None else \
+                    loss * (scored_images(pixels[sl], mask[sl]) * info.world_size / max(scored, 1))
+                part.backward()
+                total += part.detach()
             gnorm = torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip or float("inf"))
             gn = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm  # FSDP: a DTensor
             # one collective (and one host sync) per step: the loss, the gradient norm (the same on every rank)
