@@ -151,7 +151,7 @@ def _train_config_of(monkeypatch, argv: list[str]):
     import igpt.train
 
     seen = {}
-    monkeypatch.setattr(igpt.train, "train", lambda cfg: seen.setdefault("cfg", cfg) and {"losses": {}})
+    monkeypatch.setattr(igpt.train, "train", lambda cfg: seen.setdefault("cfg", cfg) and {"losses": {}, "step": 0})
     assert main(["train", *argv]) == 0
     return seen["cfg"]
 
@@ -168,6 +168,9 @@ def test_train_settings_file_then_flags_then_defaults(tmp_path, monkeypatch):
     assert cfg.batch_size == TrainConfig.batch_size and cfg.warmup == TrainConfig.warmup  # neither sets them
     # a flag equal to TrainConfig's default still wins over the file
     assert _train_config_of(monkeypatch, ["--config", str(toml), "--lr", "1e-3"]).lr == 1e-3
+    # an on/off setting of the file can be switched off by a flag (only the --augment form existed)
+    assert _train_config_of(monkeypatch, ["--config", str(toml), "--no-augment"]).augment is False
+    assert _train_config_of(monkeypatch, ["--config", str(toml), "--no-compile", "--no-fsdp"]).compile is False
     # a run's own config.json (train + model sections) repeats that run; JSON gives lists for tuples
     run_json = tmp_path / "config.json"
     run_json.write_text(json.dumps({"train": cfg.to_dict(), "model": {"n_layer": 3}, "world_size": 1}))

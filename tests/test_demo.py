@@ -249,7 +249,7 @@ def test_the_train_command_trains_with_the_demos_settings(monkeypatch):
     out = Path("runs/demo")
     line = commands(cfg, out, SimpleNamespace(n_px=12, palette_size=16, test_fraction=0.0), 9399, 9399)[2]
     seen = {}
-    monkeypatch.setattr(igpt.train, "train", lambda c: seen.setdefault("cfg", c) and {"losses": {}})
+    monkeypatch.setattr(igpt.train, "train", lambda c: seen.setdefault("cfg", c) and {"losses": {}, "step": 0})
     assert main(shlex.split(line)[1:]) == 0
     want = _train_config(cfg, out / "shards", out / "run", 9399, None).to_dict()
     got = seen["cfg"].to_dict()

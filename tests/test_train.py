@@ -168,6 +168,14 @@ def test_an_empty_val_split_reports_no_validation_loss(shards, tmp_path):
     assert res["val"] == {}
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows and not any("val_loss" in r for r in rows)
+    for f in sh.glob("train_*.npy"):  # an empty train split (hand-made: prepare refuses to write one) was an
+        np.save(f, np.load(f, allow_pickle=False)[:0])  # IndexError in the loader
+    meta["counts"]["train"] = 0
+    (sh / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(IgptError, match="sh: no training images"):
+        train(tiny(sh, tmp_path / "run2"))
+    with pytest.raises(IgptError, match="--device meta: meta tensors hold no data"):
+        train(tiny(shards, tmp_path / "run3", device="meta"))
 
 
 def test_tokens_per_s_counts_training_time_only(shards, tmp_path, monkeypatch):
@@ -249,6 +257,13 @@ def test_validation_under_several_ranks_scores_every_image_with_equal_passes(sha
     model = ImageGPT(mcfg)
     val = sh.tokens("val")
     one = T.evaluate(model, val, mcfg, cfg, 2, torch.device("cpu"), contextlib.nullcontext)
+    # the images are spread over the split (its first rows are a few classes of a class-ordered source)
+    rows = T.eval_rows(len(val), 11)
+    assert rows[0] == 0 and rows[-1] == len(val) - 1 and (np.diff(rows) > 0).all()
+    if objective == "ar":
+        from igpt.evaluate import nll
+
+        assert one == pytest.approx(nll(model, val[rows]), rel=1e-6)
     sums, passes = [], []
     forward = ImageGPT.forward
     for r in range(3):
@@ -264,6 +279,34 @@ def test_validation_under_several_ranks_scores_every_image_with_equal_passes(sha
     assert total[1].item() == (11 if objective == "ar" else int(masks.any(1).sum()))
     assert (total[0] / total[1]).item() == pytest.approx(one, rel=1e-6)
     assert passes == [2, 2, 2]
+
+
+def test_tensorboard_purges_what_an_interrupted_process_logged_after_its_checkpoint(shards, tmp_path, monkeypatch):
+    """metrics.jsonl drops the rows after the resumed step; the TensorBoard writer got no purge_step, so those
+    steps appeared twice. (tensorboard is an optional extra, absent here: a recording stand-in for its
+    SummaryWriter.)"""
+    import sys
+    import types
+
+    made = []
+
+    class Writer:
+        def __init__(self, logdir, purge_step=None):
+            made.append(purge_step)
+
+        def add_scalar(self, *a, **k):
+            pass
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    train(tiny(shards, tmp_path / "run", stop_at=3))
+    train(tiny(shards, tmp_path / "run", resume="auto"))
+    assert made == [1, 4]
 
 
 def test_existing_foreign_folder_is_not_replaced(shards, tmp_path):
@@ -334,6 +377,23 @@ def test_adamw_is_fused_on_cpu_and_cuda_but_not_over_sharded_parameters():
     assert T.fused_adamw(torch.device("cpu")) is True and T.fused_adamw(torch.device("cuda")) is True
     assert T.fused_adamw(torch.device("cpu"), sharded=True) is None  # FSDP2's DTensors: torch's default
     assert T.fused_adamw(torch.device("meta")) is None
+
+
+def test_a_resumed_optimizer_uses_this_runs_fused_choice(shards, tmp_path, monkeypatch):
+    """Loading the optimizer state restored the saving run's `fused` flag: a one-rank (fused) checkpoint resumed
+    under FSDP2 ran the fused update over sharded DTensors, which fused_adamw(sharded=True) avoids."""
+    train(tiny(shards, tmp_path / "run", stop_at=3))
+    seen = []
+    step = torch.optim.AdamW.step
+
+    def recording(self, *a, **k):
+        seen.append(self.param_groups[0]["fused"])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording)
+    monkeypatch.setattr(T, "fused_adamw", lambda device, sharded=False: None)  # as a sharded resume chooses
+    train(tiny(shards, tmp_path / "run", resume="auto"))
+    assert seen and set(seen) == {None}
 
 
 def test_token_ids_outside_the_palette_are_refused_wherever_shards_are_read(shards, tmp_path):

@@ -155,6 +155,7 @@ def test_resume_knows_the_shards_by_content_not_by_path(shards, tmp_path):
     import shutil
 
     from igpt.prepare import PrepareConfig, prepare
+    from igpt.shards import load_shards
 
     moved = tmp_path / "moved"
     shutil.copytree(shards, moved)
@@ -165,6 +166,12 @@ def test_resume_knows_the_shards_by_content_not_by_path(shards, tmp_path):
     assert sorted(res["losses"]) == [3]
     prepare(PrepareConfig(out=str(moved), data="fashion-mnist-mini", n_px=8, palette_size=8, val_fraction=0.2))
     with pytest.raises(IgptError, match=r"cannot resume on other shards: .* differs from the run's in counts"):
+        train(tiny(moved, tmp_path / "run", steps=4, resume="auto"))
+    # the same palette and split sizes, another split seed: other images in train and val (it resumed)
+    prepare(PrepareConfig(out=str(moved), data="fashion-mnist-mini", n_px=8, palette=str(shards / "palette.npy"),
+                          seed=1))
+    assert load_shards(moved).meta["counts"] == load_shards(shards).meta["counts"]
+    with pytest.raises(IgptError, match=r"cannot resume on other shards: .* in tokens_sample_sha256"):
         train(tiny(moved, tmp_path / "run", steps=4, resume="auto"))
 
 
@@ -284,6 +291,29 @@ def test_a_train_state_without_its_settings_is_an_unreadable_checkpoint(shards, 
     (ck / "train_state.json").write_text(json.dumps(state))
     with pytest.raises(IgptError, match="unreadable training checkpoint"):
         TS.load_train_checkpoint(ck, load_model(ck)[0].config)
+
+
+def test_nothing_to_do_names_the_step_the_run_is_at(shards, tmp_path, capsys):
+    from igpt.cli import main
+
+    args = ["train", "--data", str(shards), "--out", str(tmp_path / "r"), "--preset", "tiny", "--steps", "10",
+            "--batch-size", "4", "--warmup", "1", "--dtype", "fp32", "--eval-every", "0", "--no-progress"]
+    assert main([*args, "--stop-at", "4"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--stop-at", "4", "--resume", "auto"]) == 0
+    assert f"nothing to do: {tmp_path / 'r'} is already at step 4\n" in capsys.readouterr().out  # it said 10
+
+
+def test_an_explicit_resume_matches_the_precision_not_the_dtype_word(shards, tmp_path):
+    """`--resume auto --dtype fp32` of a run begun with `auto` (fp32 here) resumed; `--resume DIR` of the same
+    checkpoint compared the words in config.json and refused the run's own folder as "another run"."""
+    from igpt.train import pick_dtype
+
+    word = "fp32" if pick_dtype("auto", torch.device("cpu")) == torch.float32 else "bf16"  # what auto means here
+    train(tiny(shards, tmp_path / "a", dtype="auto", stop_at=2))
+    train(tiny(shards, tmp_path / "a", dtype=word, stop_at=2, resume="auto"))  # nothing to do
+    res = train(tiny(shards, tmp_path / "a", dtype=word, resume=str(tmp_path / "a" / "checkpoints" / "step-000002")))
+    assert sorted(res["losses"]) == [3, 4]
 
 
 def test_an_explicit_resume_into_another_run_is_refused(shards, tmp_path):

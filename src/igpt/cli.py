@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         last = max(res["losses"])
         print0(f"step {last}: loss {res['losses'][last]:.4f} nats/token; wrote {cfg.out}")
     else:
-        print0(f"nothing to do: {cfg.out} is already at step {cfg.steps}")
+        print0(f"nothing to do: {cfg.out} is already at step {res['step']}")
     return 0
 
 
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--test-fraction", type=float,
                    help="share of train held out as a test split when the source has none (default 0)")
     q.add_argument("--seed", type=int, help="seed of the validation split and palette fit (default 0)")
-    q.add_argument("--skip-bad", action="store_true", default=None,
+    q.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=None,
                    help="skip unreadable image files, counting them (default off)")
     q.add_argument("--no-pixels", dest="pixels", action="store_false", default=None,
                    help="do not keep {split}_pixels.npy (the images before quantization, for the probe's "
@@ -348,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0, as the paper)")
     t.add_argument("--dropout", type=float, help="dropout (default 0, as the paper)")
     t.add_argument("--grad-clip", type=float, help="max gradient norm; 0 = off (default 1)")
-    t.add_argument("--augment", action="store_true", default=None, help="random crop (reflect pad) + horizontal flip")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="random crop (reflect pad) + horizontal flip")
     t.add_argument("--dtype", choices=("auto", "fp32", "bf16"),
                    help="autocast dtype; auto = bf16 on CUDA and CPUs with native bf16, else fp32")
-    t.add_argument("--compile", action="store_true", default=None, help="torch.compile each block")
-    t.add_argument("--activation-checkpointing", action="store_true", default=None, help="recompute blocks in backward")
-    t.add_argument("--fsdp", action="store_true", default=None, help="shard with FSDP2 instead of DDP under torchrun")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile each block")
+    t.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None, help="recompute blocks in backward")
+    t.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None, help="shard with FSDP2 instead of DDP under torchrun")
     t.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     t.add_argument("--log-every", type=int, help="steps between metrics rows (default 10)")
     t.add_argument("--eval-every", type=int, help="steps between validations; 0 = at the end (default 500)")
@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cs", help="comma-separated C grid (sklearn's C; default 1e-3,1e-2,1e-1,1,10)")
     r.add_argument("--batch-size", type=int, help="images per forward pass (default 64)")
     r.add_argument("--max-iter", type=int, help="L-BFGS iterations per fit (default 1000)")
-    r.add_argument("--cache", action="store_true", default=None, help="keep features in OUT/features/*.npy and reuse them")
+    r.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None, help="keep features in OUT/features/*.npy and reuse them")
     r.set_defaults(func=cmd_probe)
 
     f = sub.add_parser("finetune", help="fine-tune with a linear classification head (L_clf + lambda * L_gen)",

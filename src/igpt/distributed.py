@@ -51,6 +51,8 @@ def pick_device(requested: str | None, info: DistInfo) -> torch.device:
         device = torch.device("cuda", info.local_rank) if name == "cuda" else torch.device(name)
     except (RuntimeError, ValueError):
         raise IgptError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "meta":  # tensors without data: training ended in a traceback from autocast
+        raise IgptError(f"--device {name}: meta tensors hold no data; give cpu or cuda")
     if device.type == "cpu" and device.index not in (None, 0):  # torch takes it; loading weights to it fails
         raise IgptError(f"--device {name}: the CPU has no numbered devices; give --device cpu")
     if info.distributed and device.type != "cpu" and name != device.type:

@@ -10,12 +10,14 @@ clipping. Steps are counted from 1 in metrics and checkpoint names (step-000010 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -97,13 +99,20 @@ def micro_loss(model, pixels: torch.Tensor, mask: torch.Tensor | None, cfg: Imag
     return bert_loss(model(pixels, mask), pixels, mask)
 
 
+def eval_rows(total: int, n: int) -> np.ndarray:
+    """``n`` of ``total`` row indices, evenly spaced and ascending (all of them when n == total)."""
+    return np.arange(n) if n >= total else np.linspace(0, total - 1, n).round().astype(np.int64)
+
+
 @torch.no_grad()
 def evaluate(model, tokens, mcfg: ImageGPTConfig, cfg: TrainConfig, micro: int, device, autocast) -> float:
-    """Validation loss in nats per token over the first ``cfg.eval_images`` val images (all of them: each rank
-    takes a disjoint slice, shares differing by at most one image; every rank runs the same number of forward
-    passes, as FSDP needs, a rank whose share is done repeating its first image at weight 0)."""
+    """Validation loss in nats per token over ``cfg.eval_images`` val images spread evenly over the split (its
+    first rows were a few classes of a class-ordered source, such as an image folder); each rank takes a
+    disjoint slice of them, shares differing by at most one image; every rank runs the same number of forward
+    passes, as FSDP needs, a rank whose share is done repeating its first image at weight 0."""
     info = D.get_dist_info()
     n = len(tokens) if cfg.eval_images == 0 else min(cfg.eval_images, len(tokens))
+    rows = eval_rows(len(tokens), n)
     lo, hi = info.rank * n // info.world_size, (info.rank + 1) * n // info.world_size
     passes = math.ceil(math.ceil(n / info.world_size) / micro)  # the largest share's micro-batches
     g = torch.Generator().manual_seed(cfg.seed + 7919)  # the same BERT masks at every evaluation
@@ -114,7 +123,7 @@ def evaluate(model, tokens, mcfg: ImageGPTConfig, cfg: TrainConfig, micro: int, 
     for k in range(passes):
         i, j = lo + k * micro, min(lo + (k + 1) * micro, hi)
         i, j, live = (i, j, True) if i < hi else (lo, lo + 1, False)
-        px = torch.from_numpy(check_ids(tokens[i:j].astype("int64"), mcfg.palette_size)).to(device)
+        px = torch.from_numpy(check_ids(tokens[rows[i:j]].astype("int64"), mcfg.palette_size)).to(device)
         m = None if masks is None else masks[i:j].to(device)
         with autocast():
             loss = micro_loss(model, px, m, mcfg)
@@ -133,6 +142,8 @@ def train(cfg: TrainConfig) -> dict:
     info = D.get_dist_info()
     micro, accum = cfg.layout(info.world_size)  # before anything else
     shards = load_shards(cfg.data)  # reads meta.json and the arrays' headers, not the data
+    if "train" not in shards.splits or len(shards.tokens("train")) == 0:  # an IndexError in the loader
+        raise IgptError(f"{cfg.data}: no training images (the train split is missing or empty)")
     mcfg = resolve_model_config(cfg, shards.meta)
     resume = find_resume(cfg)
     if resume is not None and cfg.resume != "auto" and not resume.is_dir():
@@ -210,7 +221,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         if saved_shards is not None:  # the data by content, not by the path it was given as
             bad = [k for k in bad if k != "data"]
             now = shards_identity(shards)
-            differ = sorted(k for k in now if saved_shards.get(k) != now[k])
+            differ = sorted(k for k in now if k in saved_shards and saved_shards[k] != now[k])  # older: fewer keys
             if differ:
                 raise IgptError(f"{resume}: cannot resume on other shards: {cfg.data} differs from the run's in "
                                 + ", ".join(f"{k} ({saved_shards.get(k)} -> {now[k]})" for k in differ))
@@ -227,6 +238,8 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                             f"{ {k: state['meta']['train_config'].get(k) for k in bad} })")
         set_state_dict(wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(full_state_dict=True))
+        for group in opt.param_groups:  # the saved groups' `fused` is that of the run that saved them (fused on
+            group["fused"] = fused  # one rank, then resumed under FSDP2, would have used it over DTensors)
         rngs = state["rng"]
         same = len(rngs) == info.world_size
         set_rng_state(rngs[info.rank] if same else rngs[0], str(resume / "rng.pt"), device)
@@ -342,13 +355,16 @@ def _check_same_run(out: Path, resume: Path) -> None:
     settings that shape a run equal, the data compared by content when resuming), else its metrics and
     checkpoints would mix with the other run's. A damaged or missing file is left to the loading that follows."""
     try:
-        there = read_json(out / CONFIG_FILE).get("train") if (out / CONFIG_FILE).is_file() else None
-        ours = read_json(resume / "train_state.json").get("train_config")
+        run = read_json(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else {}
+        state = read_json(resume / "train_state.json")
+        there, ours = run.get("train"), state.get("train_config")
     except (IgptError, AttributeError):
         return
     if not isinstance(there, dict) or not isinstance(ours, dict):
         return
     differ = sorted(k for k in ours if k not in RESUMABLE_CHANGES and k != "data" and there.get(k) != ours[k])
+    if "dtype" in differ and run.get("dtype") is not None and run.get("dtype") == state.get("dtype"):
+        differ.remove("dtype")  # the words differ (auto, then fp32 on a resume), the precision trained in is one
     if differ:
         raise IgptError(f"--resume {resume}: {out} holds another run (its {', '.join(differ)} differ from the "
                         "checkpoint's); choose another --out")
@@ -356,9 +372,19 @@ def _check_same_run(out: Path, resume: Path) -> None:
 
 def shards_identity(shards) -> dict:
     """What a resume must find unchanged in the training data, whatever path names it: the palette (its
-    hash), the split sizes and the resolution. The path alone let other shards at the same path resume (other
-    token meanings, another data order) and refused the same shards given by another path."""
-    return {"palette_sha256": shards.palette.hash, "counts": dict(shards.meta["counts"]), "n_px": shards.n_px}
+    hash), the split sizes, the resolution and a fingerprint of the train and val tokens (64 evenly spaced
+    rows of each: shards prepared with another seed, or other images of the same count, have the same
+    palette and sizes). The path alone let other shards at the same path resume (other token meanings,
+    another data order) and refused the same shards given by another path."""
+    return {"palette_sha256": shards.palette.hash, "counts": dict(shards.meta["counts"]), "n_px": shards.n_px,
+            "tokens_sample_sha256": {s: tokens_fingerprint(shards.tokens(s)) for s in ("train", "val")
+                                     if s in shards.splits}}
+
+
+def tokens_fingerprint(tokens, rows: int = 64) -> str:
+    """sha256 of ``rows`` evenly spaced rows of a token array (cheap on a memory map of any size)."""
+    idx = eval_rows(len(tokens), min(rows, len(tokens)))
+    return hashlib.sha256(np.ascontiguousarray(tokens[idx]).tobytes()).hexdigest()[:16]
 
 
 def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device, dtype) -> Path:

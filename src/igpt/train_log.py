@@ -41,7 +41,9 @@ class RunLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out / "tensorboard"))
+            # events from step start_step + 1 on, written by an interrupted process after its checkpoint, are
+            # purged (TensorBoard showed steps 4, 5, 6 twice after a resume at 3, as metrics.jsonl drops them)
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
         except ImportError:  # tensorboard is optional
             pass
 
