@@ -153,11 +153,31 @@ def test_to_square_crop_and_filters(rng):
     sq = images.to_square(img, 10)  # crop only: the centre 10 columns
     assert np.array_equal(sq, img[:, 3:13])
     small = images.to_square(img, 5)
-    ref = np.asarray(Image.fromarray(img[:, 3:13]).resize((5, 5), Image.Resampling.BOX))
-    assert np.array_equal(small, ref)
-    blocks = img[:, 3:13].astype(np.float64).reshape(5, 2, 5, 2, 3).mean((1, 3))  # box = area average
-    assert np.abs(small - blocks).max() <= 1
+    blocks = img[:, 3:13].astype(np.float64).reshape(5, 2, 5, 2, 3).mean((1, 3))  # a whole factor: block means
+    assert np.array_equal(small, np.floor(blocks + 0.5))
     assert images.to_square(img[..., :1], 20).shape == (20, 20, 1)
+
+
+def exact_area(img: np.ndarray, n: int) -> np.ndarray:
+    """Area averaging by supersampling: every source pixel repeated n times per axis (s*n), then the mean of
+    each s x s block: each output pixel averages exactly the source area it covers, fractions included."""
+    s = img.shape[0]
+    up = img.astype(np.float64).repeat(n, 0).repeat(n, 1)
+    return up.reshape(n, s, n, s, -1).mean((1, 3))
+
+
+@pytest.mark.parametrize("s, n", [(28, 16), (28, 12), (32, 12), (13, 5)])
+def test_shrinking_averages_the_area_of_each_output_pixel(rng, s, n):
+    """Pillow's BOX filter (used until the fourteenth session) is area averaging at whole factors only: at
+    28 -> 16 every fourth output pixel was one source column (a 0/255 column stripe came out 128, 128, 0, ...)."""
+    img = rng.integers(0, 256, (s, s, 3), dtype=np.uint8)
+    out = images.to_square(img, n)
+    assert np.abs(out - exact_area(img, n)).max() <= 0.5 + 1e-3  # rounding only
+    stripes = np.zeros((s, s, 1), np.uint8)
+    stripes[:, 1::2] = 255
+    assert np.abs(images.to_square(stripes, n) - exact_area(stripes, n)).max() <= 0.5 + 1e-3
+    batch = rng.integers(0, 256, (4, s + 3, s, 1), dtype=np.uint8)  # one size, not square: the batched path
+    assert np.array_equal(images.resize_batch(batch, n), np.stack([images.to_square(b, n) for b in batch]))
 
 
 

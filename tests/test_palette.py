@@ -111,6 +111,13 @@ def test_hf_preprocessor_config_palette(tmp_path, rng):
     ImageGPTImageProcessorPil(clusters=clusters).save_pretrained(tmp_path)
     pal = Palette.load(tmp_path / "preprocessor_config.json")
     assert np.allclose(pal.centers, clusters, atol=1e-7)
+    # float32 clusters (OpenAI's, ours exported) load as the same palette, hash included, as from a .npy: the
+    # JSON's float64 gave another hash, so shards prepared with it were refused for the imported model
+    c32 = clusters.astype(np.float32)
+    ImageGPTImageProcessorPil(clusters=c32).save_pretrained(tmp_path / "f32")
+    np.save(tmp_path / "c32.npy", c32)
+    assert Palette.load(tmp_path / "f32" / "preprocessor_config.json").hash == Palette.load(tmp_path / "c32.npy").hash
+    assert pal.centers.dtype == np.float64  # float64 values that float32 would round stay float64
     (tmp_path / "bad.json").write_text(json.dumps({"do_resize": True}))
     with pytest.raises(IgptError, match="no 'clusters'"):
         Palette.load(tmp_path / "bad.json")

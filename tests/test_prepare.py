@@ -109,6 +109,10 @@ def test_test_fraction_carves_a_disjoint_test_split(tmp_path, rng):
     assert all(sh.labels(s) is not None for s in ("train", "val", "test"))
     with pytest.raises(IgptError, match="test_fraction"):
         PrepareConfig(out="x", test_fraction=0.95)
+    with pytest.raises(IgptError, match=r"--test-fraction 0.005 of 60 training images holds out none"):
+        prepare(PrepareConfig(out=str(tmp_path / "out2"), data=str(data), n_px=8, palette_size=12,
+                              test_fraction=0.005))  # an empty test split, with exit status 0
+    assert not (tmp_path / "out2").exists()
 
 
 def test_bundled_prepare_with_given_palette(tmp_path):

@@ -187,11 +187,6 @@ def load_hf(hf_dir: str | Path):
                 palette = Palette(palette.centers[:, :1])
             if palette.k != cfg.palette_size:
                 raise IgptError(f"{pfile}: {palette.k} clusters, but the model has {cfg.palette_size} colours")
-            c = palette.centers
-            if c.dtype != np.float32 and np.array_equal(c.astype(np.float32).astype(c.dtype), c):
-                # JSON holds float64; values that are float32 numbers (ours as exported, OpenAI's centres) come
-                # back as float32, so the palette's hash, and the shards made with it, still match
-                palette = Palette(c.astype(np.float32))
     return model, palette, heads, has_head
 
 

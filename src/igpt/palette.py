@@ -258,7 +258,10 @@ class Palette:
             if clusters is None:
                 raise IgptError(f"{path}: no 'clusters' entry, so it holds no palette")
             try:
-                return cls(np.asarray(clusters, dtype=np.float64))
+                c = np.asarray(clusters, dtype=np.float64)
+                if np.array_equal(c.astype(np.float32).astype(np.float64), c):  # float32 numbers (ours exported,
+                    c = c.astype(np.float32)  # OpenAI's): the hash, and shards made with it, match the .npy's
+                return cls(c)
             except (TypeError, ValueError, OverflowError, RecursionError) as e:
                 raise IgptError(f"{path}: 'clusters' is not a (k, C) list of numbers ({e})") from None
         try:

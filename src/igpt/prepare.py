@@ -229,6 +229,9 @@ def prepare(cfg: PrepareConfig) -> dict:
         held_test = np.zeros(n_train, dtype=bool)
         if "test" not in decoded and cfg.test_fraction:  # carve a test split out of train first
             held_test = val_mask(n_train, cfg.test_fraction, cfg.seed + 1)
+            if not held_test.any():  # the test split asked for would be empty (exit status 0 until now)
+                raise IgptError(f"--test-fraction {cfg.test_fraction:g} of {n_train} training images holds out "
+                                f"none (round({n_train} x {cfg.test_fraction:g}) = 0): give a larger fraction")
             routes["test"] = ("train", held_test)
         if "val" in decoded:
             routes["train"] = ("train", ~held_test)
