@@ -52,8 +52,9 @@ def fit_palette(
     Pixels are reduced to their distinct colours with counts as weights, which is exact for k-means and
     makes a full pass cheap (1M natural-image pixels hold a few hundred thousand colours at most). When more
     than ``batch_size`` distinct colours remain, each iteration is a weighted mini-batch update (per-centre
-    learning rate 1 / count, as Sculley 2010) instead of a full pass. Empty clusters are re-seeded at the
-    colours farthest from their centres. Deterministic for a given seed and device.
+    learning rate 1 / count, as Sculley 2010) instead of a full pass (`igpt prepare` always makes full passes).
+    In full passes, empty clusters are re-seeded at the colours farthest from their centres; mini-batch updates
+    leave a centre that receives no point where it is. Deterministic for a given seed and device.
     """
     import torch  # here, so quantizing and loading palettes don't pay for importing torch
 
