@@ -100,6 +100,14 @@ def test_temporary_folders_of_killed_writers_are_removed_by_the_next_write(tmp_p
         (t / "meta.json").write_text("{}")
     left = {p.name for p in tmp_path.iterdir()}
     assert names["orphan"] not in left and left == {"shards", *(n for k, n in names.items() if k != "orphan")}
+    # single files too (eval.json, probe.json, a sample PNG: nothing removed those), with the same rules
+    files = {"orphan": f".eval.json.{host}-{dead}.x1y2z3.tmp", "live": f".eval.json.{host}-{os.getppid()}.q1.tmp",
+             "other_host": f".eval.json.elsewhere-{dead}.q2.tmp"}
+    for n in files.values():
+        (tmp_path / n).write_text("{")
+    io.atomic_write_bytes(tmp_path / "eval.json", b"{}")
+    left = {p.name for p in tmp_path.iterdir()} - {"shards", *names.values()}
+    assert left == {"eval.json", files["live"], files["other_host"]}
 
 
 def test_an_output_given_as_a_symlink_replaces_the_folder_it_names(tmp_path):
@@ -178,6 +186,18 @@ def test_missing_unknown_and_misshapen_tensors(tmp_path):
     save_file(state, str(tmp_path / "ck" / "model.safetensors"))
     with pytest.raises(IgptError, match="wpe.weight"):
         load_model(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("change", [{"n_layer": 100_000}, {"n_embd": 2**62, "n_head": 2}, {"n_px": 10**10}])
+def test_a_config_far_larger_than_its_weights_fails_before_building(tmp_path, change):
+    """The model was built (on the meta device) before the tensors were compared: 100,000 layers took minutes,
+    a width of 2^62 ended in torch's 'Storage size calculation overflowed' with a C++ trace."""
+    ck = save_model(tmp_path / "ck", tiny_model())
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(IgptError, match=r"model.safetensors: the config \(.*\) needs at least [\d,]+ numbers; the "
+                                        r"file holds [\d,]+$"):
+        load_model(ck)
 
 
 def test_a_hugging_face_directory_gets_a_hint(tmp_path):

@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from PIL import Image
 
 from igpt.cli import main
 from igpt.datasets import open_source
+from igpt.demo import DemoConfig
 
 pytestmark = pytest.mark.slow
 
@@ -107,22 +109,34 @@ def test_demo_refuses_a_foreign_output_folder(demo_run, tmp_path, capsys):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
-def test_demo_replaces_an_old_demo_and_rejects_unlabelled_data(tmp_path, capsys):
-    old = tmp_path / "o"  # an earlier demo's folder (it holds the demo's marker): replaced, stale files gone
+def test_demo_rejects_unlabelled_or_too_small_data_before_removing_an_old_demo(tmp_path, capsys):
+    """Labels and split sizes were checked after prepare, so an old demo in --out was deleted first."""
+    old = tmp_path / "o"  # an earlier demo's folder (it holds the demo's marker)
     old.mkdir()
-    (old / "demo.json").write_text('{"config": {}}')  # a demo's marker holds its config
-    (old / "stale.txt").write_text("from an earlier run")
+    (old / "demo.json").write_text(json.dumps({"config": asdict(DemoConfig())}))
+    (old / "report.html").write_text("the previous demo")
     x = np.random.default_rng(0).integers(0, 255, (40, 8, 8), dtype=np.uint8)
     np.save(tmp_path / "x.npy", x)
     assert main(["demo", "--data", str(tmp_path / "x.npy"), "--out", str(old), "--minutes", "0.2",
                  "--preset", "tiny", "--n-px", "8"]) == 2
     assert "class labels" in capsys.readouterr().err
-    assert not (old / "stale.txt").exists() and (old / "demo.json").is_file()
-    # labelled, but too few images to hold out val and test: refused before any training, not after
+    # labelled, but too few images to hold out val and test
     np.savez(tmp_path / "three.npz", x=x[:3], y=np.arange(3))
     assert main(["demo", "--data", str(tmp_path / "three.npz"), "--out", str(old), "--minutes", "0.2",
                  "--preset", "tiny", "--n-px", "8"]) == 2
-    assert "too few images for the demo's splits" in capsys.readouterr().err
+    assert "too few images for the demo's splits (train 3, val 0, test 0" in capsys.readouterr().err
+    np.savez(tmp_path / "few.npz", x=x, y=np.arange(40) % 4)  # 4 test images for 8 completions
+    assert main(["demo", "--data", str(tmp_path / "few.npz"), "--out", str(old), "--minutes", "0.2",
+                 "--preset", "tiny", "--n-px", "8"]) == 2
+    assert "4 test images, fewer than the 8 completions" in capsys.readouterr().err
+    assert (old / "report.html").read_text() == "the previous demo"
+    # a folder whose demo.json is not one of ours (a bare "config" key marked it): refused, kept
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "demo.json").write_text('{"config": {"title": "my own demo"}}')
+    (mine / "index.html").write_text("my page")
+    assert main(["demo", "--out", str(mine), "--minutes", "0.2"]) == 2
+    assert "igpt did not write" in capsys.readouterr().err and (mine / "index.html").is_file()
     assert not (old / "run").exists()
 
 
@@ -221,7 +235,7 @@ def test_demo_settings_that_fail_later_fail_first(small_npz, tmp_path, capsys):
 
     old = tmp_path / "old"
     old.mkdir()
-    (old / "demo.json").write_text('{"config": {}}')
+    (old / "demo.json").write_text(json.dumps({"config": asdict(DemoConfig())}))
     (old / "report.html").write_text("the previous demo")
     assert main(["demo", "--data", str(tmp_path / "typo.npz"), "--out", str(old), "--minutes", "0.2"]) == 2
     assert "typo.npz" in capsys.readouterr().err and (old / "report.html").read_text() == "the previous demo"
@@ -254,3 +268,16 @@ def test_the_train_command_trains_with_the_demos_settings(monkeypatch):
     want = _train_config(cfg, out / "shards", out / "run", 9399, None).to_dict()
     got = seen["cfg"].to_dict()
     assert {k: v for k, v in got.items() if k != "progress"} == {k: v for k, v in want.items() if k != "progress"}
+
+
+def test_a_symlinked_out_replaces_the_demo_it_points_to(small_npz, tmp_path):
+    """`--out LINK` to an old demo: rmtree refused the link ('Cannot call rmtree on a symbolic link', no path);
+    as for every --out, the folder it names is replaced and the link kept."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    (real / "demo.json").write_text(json.dumps({"config": asdict(DemoConfig())}))
+    (real / "stale.txt").write_text("from an earlier demo")
+    link.symlink_to(real)
+    assert main(["demo", "--data", str(small_npz), "--out", str(link), "--steps", "2", "--n-px", "8",
+                 "--palette-size", "8", "--preset", "tiny"]) == 0
+    assert link.is_symlink() and (real / "report.html").is_file() and not (real / "stale.txt").exists()

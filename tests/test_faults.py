@@ -75,6 +75,30 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.parametrize("limit, failing", [(60_000, "model.safetensors"), (200_000, "optimizer.pt")])
+def test_a_real_write_failure_is_one_line(shards, tmp_path, limit, failing):
+    """A real full disk does not raise OSError in the writers: safetensors raises SafetensorError and torch.save
+    RuntimeError ('unexpected pos'), so `igpt train` ended in a traceback (the tests raised OSError by hand).
+    Here the write really fails: a file-size limit (RLIMIT_FSIZE, SIGXFSZ ignored: write() returns EFBIG)."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "igpt", "train", "--data", str(shards), "--out", str(out), "--preset",
+                        "tiny", "--steps", "4", "--batch-size", "4", "--warmup", "1", "--save-every", "2",
+                        "--dtype", "fp32", "--no-progress"], capture_output=True, text=True, preexec_fn=limited,
+                       timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith(f"igpt: error: cannot write checkpoint {out / 'checkpoints' / 'step-000002'} "
+                               f"(cannot write {out / 'checkpoints'}/.step-000002."), r.stderr
+    assert f"/{failing}: " in r.stderr and r.stderr.count("\n") == 1
+    assert list((out / "checkpoints").iterdir()) == []  # no temporary left behind
+
+
 @pytest.mark.parametrize("where", ["model", "optimizer", "latest"])
 def test_disk_full_during_a_checkpoint(shards, tmp_path, monkeypatch, where):
     """ENOSPC while writing step 3's checkpoint: one clear error, step 2 intact and still the one to resume."""

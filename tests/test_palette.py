@@ -99,6 +99,9 @@ def test_save_load_and_sidecar(tmp_path, rng):
     np.save(tmp_path / "palette.npy", pal.centers * 0.5)  # changed behind the sidecar's back
     with pytest.raises(IgptError, match="does not match its sidecar"):
         Palette.load(tmp_path / "palette.npy")
+    (tmp_path / "palette.json").write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError traceback
+    with pytest.raises(IgptError, match="palette sidecar is not valid JSON"):
+        Palette.load(tmp_path / "palette.npy")
     np.save(tmp_path / "obj.npy", np.array([1, "a"], dtype=object), allow_pickle=True)
     with pytest.raises(IgptError, match="obj.npy"):
         Palette.load(tmp_path / "obj.npy")

@@ -224,3 +224,22 @@ def test_json_settings_beside_their_table(tmp_path, capsys):
     older = {k: v for k, v in record.items() if k != "stop_at"}  # a field the older igpt did not have
     f.write_text(json.dumps({"train": older, "dtype": "float32", "device": "cpu", "micro_batch_size": 64}))
     assert build(TrainConfig, merged(str(f), "train", {}, "train"), "train").to_dict() == record
+
+
+def test_config_files_with_hostile_values_are_one_line_errors(tmp_path, capsys):
+    """A 5000-digit integer (Python's int-conversion limit raised a plain ValueError), a NUL or an unpaired
+    surrogate in a string (ValueError / UnicodeEncodeError deep in training) and an infinite time limit (written
+    back as `Infinity`, which is not JSON) gave tracebacks or invalid records; each is now one line, exit 2."""
+    from igpt.cli import main
+
+    cases = [("big.json", '{"data": "sh", "steps": 1' + "0" * 5000 + "}", "not a readable JSON file"),
+             ("big.toml", 'data = "sh"\nsteps = 1' + "0" * 5000 + "\n", "not a readable TOML file"),
+             ("nul.json", '{"data": "sh", "out": "x\\u0000y"}', "out holds a NUL character or an unpaired surrogate"),
+             ("sur.json", '{"data": "sh", "out": "\\ud800"}', "out holds a NUL character or an unpaired surrogate"),
+             ("inf.json", '{"data": "sh", "out": "o", "time_limit": 1e999}', "time_limit must be a finite number")]
+    for name, text, message in cases:
+        f = tmp_path / name
+        f.write_text(text)
+        assert main(["train", "--config", str(f)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("igpt: error: ") and message in err and err.count("\n") == 1, (name, err)

@@ -314,6 +314,12 @@ def test_existing_foreign_folder_is_not_replaced(shards, tmp_path):
     (tmp_path / "run" / "precious.txt").write_text("x")
     with pytest.raises(IgptError, match="did not write"):
         train(tiny(shards, tmp_path / "run"))
+    proj = tmp_path / "proj"  # a user's config.json with a "train" section marked the folder as a run of ours
+    proj.mkdir()
+    (proj / "config.json").write_text('{"train": {"epochs": 90}, "model": "resnet50"}')
+    with pytest.raises(IgptError, match="did not write"):
+        train(tiny(shards, proj))
+    assert (proj / "config.json").read_text() == '{"train": {"epochs": 90}, "model": "resnet50"}'
 
 
 def test_a_run_killed_during_its_first_config_write_can_start_again(shards, tmp_path):

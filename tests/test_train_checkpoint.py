@@ -287,10 +287,30 @@ def test_a_train_state_without_its_settings_is_an_unreadable_checkpoint(shards, 
     train(tiny(shards, tmp_path / "run", steps=4))
     ck = tmp_path / "run" / "checkpoints" / "step-000004"
     state = json.loads((ck / "train_state.json").read_text())
+    good = dict(state)
     del state["train_config"]
     (ck / "train_state.json").write_text(json.dumps(state))
     with pytest.raises(IgptError, match="unreadable training checkpoint"):
         TS.load_train_checkpoint(ck, load_model(ck)[0].config)
+    # damaged fields failed later, one after a step had been computed (a string best_val_loss)
+    for field, value in (("shards", 5), ("shards", ["a"]), ("step", -3), ("best_val_loss", "x"), ("step", True)):
+        (ck / "train_state.json").write_text(json.dumps({**good, field: value}))
+        with pytest.raises(IgptError, match="unreadable training checkpoint"):
+            TS.load_train_checkpoint(ck, load_model(ck)[0].config)
+
+
+def test_a_symlinked_step_folder_never_leads_outside_the_run(shards, tmp_path):
+    """A link at checkpoints/step-000004 to a folder elsewhere: the save replaced the folder it points to
+    (deleting its files); now the link alone is replaced, and pruning removes links without following them."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    train(tiny(shards, tmp_path / "run", steps=6, stop_at=2, keep=1))
+    root = tmp_path / "run" / "checkpoints"
+    (root / "step-000004").symlink_to(precious)
+    train(tiny(shards, tmp_path / "run", steps=6, resume="auto", keep=1))
+    assert (precious / "thesis.txt").read_text() == "years of work" and len(list(precious.iterdir())) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000006"]  # step 4 (a folder now) pruned
 
 
 def test_nothing_to_do_names_the_step_the_run_is_at(shards, tmp_path, capsys):

@@ -67,6 +67,9 @@ def step_seconds(mcfg, batch_size: int, lr: float, device: torch.device, repeats
     return times["step"], times["forward"]
 
 
+MIN_STEPS = 20  # the fewest training steps a demo runs, whatever its budget
+
+
 def plan_steps(budget_s: float, step_s: float, fwd_s: float, batch: int, n_eval_images: int, n_feature_images: int,
                n_sample_tokens: int, max_steps: int, n_fit_sets: int = 0) -> dict:
     """Steps that fit the budget. The rest of the run is estimated from the measured forward time: feature
@@ -83,9 +86,10 @@ def plan_steps(budget_s: float, step_s: float, fwd_s: float, batch: int, n_eval_
     fixed = RESERVE * budget_s
     left = budget_s - features - nll - sampling - fits - fixed
     # the loop costs more than the bare step: validation passes, checkpoints, logging (TRAIN_OVERHEAD)
-    steps = int(min(max_steps, max(20, left / (TRAIN_OVERHEAD * step_s))))
-    # the loop may eat half the reserve, no more; a budget too small for the later stages still trains its
-    # minimum of steps (the time limit is then theirs, not a negative number)
-    limit = max(left, TRAIN_OVERHEAD * steps * step_s) + fixed / 2
+    fit = left / (TRAIN_OVERHEAD * step_s)
+    steps = int(min(max_steps, max(MIN_STEPS, fit)))
+    # the loop may eat half the reserve, no more; a budget too small for the later stages trains its minimum of
+    # steps, all of them (a time limit then stopped the first, slower steps short of it: 5 of 20)
+    limit = None if fit < MIN_STEPS else left + fixed / 2
     return {"budget_s": budget_s, "step_s": step_s, "forward_s": fwd_s, "reserved_s": budget_s - left,
-            "later_s": budget_s - left - fixed, "steps": steps, "time_limit_s": limit}
+            "later_s": budget_s - left - fixed, "steps": steps, "time_limit_s": limit, "minimum": fit < MIN_STEPS}

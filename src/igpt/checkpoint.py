@@ -49,18 +49,37 @@ def save_model(path: str | Path, model: ImageGPT, palette=None, heads: dict[str,
     return path
 
 
+def write_safetensors(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its write errors (a full disk: SafetensorError, not OSError) as OSError naming
+    the file, which the commands report in one line."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"cannot write {path}: {e}") from None
+
+
+def write_torch(obj, path: Path) -> None:
+    """torch.save (of tensors and plain containers only); a failed write (a full disk raises RuntimeError
+    'unexpected pos ...') as OSError naming the file."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or ["RuntimeError"])[0]
+        raise OSError(f"cannot write {path}: {first} (is the disk full?)") from None
+
+
 def write_model_files(folder: Path, state: dict[str, torch.Tensor], cfg: ImageGPTConfig, palette=None,
                       heads: dict[str, torch.Tensor] | None = None) -> None:
     """The model checkpoint's files (weights, config, palette, heads) into ``folder``, which the caller makes
     visible atomically (training checkpoints add their own files beside these)."""
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    save_file(state, str(folder / MODEL_FILE), metadata={"format": "pt"})
+    write_safetensors(state, folder / MODEL_FILE, metadata={"format": "pt"})
     chmod_default(folder / MODEL_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if palette is not None:
         palette.save(folder / PALETTE_FILE)
     if heads:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in heads.items()}, str(folder / HEADS_FILE))
+        write_safetensors({k: v.detach().to("cpu").contiguous() for k, v in heads.items()}, folder / HEADS_FILE)
         chmod_default(folder / HEADS_FILE)
 
 
@@ -113,6 +132,7 @@ def read_pt(f: Path):
 def build_model(cfg: ImageGPTConfig, state: dict[str, torch.Tensor], source: str) -> ImageGPT:
     """ImageGPT(cfg) holding ``state`` (tensors adopted, not copied); IgptError listing any missing, unknown
     or misshapen tensor, naming ``source``."""
+    _check_sizes(cfg, state, source)
     with torch.device("meta"):
         model = ImageGPT(cfg)
     want = {k: v.shape for k, v in model.state_dict().items()}
@@ -127,6 +147,18 @@ def build_model(cfg: ImageGPTConfig, state: dict[str, torch.Tensor], source: str
     state = _one_float_dtype(state, source)
     model.load_state_dict(state, assign=True)
     return model.eval()
+
+
+def _check_sizes(cfg: ImageGPTConfig, state: dict[str, torch.Tensor], source: str) -> None:
+    """Before any module is built: the config must not need far more numbers than the file holds (a config
+    claiming 100,000 layers ran for minutes building them; a width of 2^62 overflowed torch with a C++ trace).
+    A lower bound of the parameter count (the blocks' matrices and the position table) against 16x the file's;
+    closer mismatches are listed tensor by tensor once the (meta) model exists."""
+    need = cfg.n_layer * 12 * cfg.n_embd**2 + cfg.seq_len * cfg.n_embd
+    held = sum(t.numel() for t in state.values())
+    if need > 16 * held:
+        raise IgptError(f"{source}: the config ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {cfg.seq_len} "
+                        f"positions) needs at least {need:,} numbers; the file holds {held:,}")
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)

@@ -502,9 +502,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _in_process_group() -> bool:
-    from igpt.distributed import in_process_group  # torch is imported only by commands that use it
-
-    return "torch" in sys.modules and in_process_group()
+    """Whether this process has a process group up. Never imports anything: a Ctrl-C or SIGTERM during a
+    command's torch import ended here, and importing torch again over the half-imported one segfaulted or
+    raised (exit -11 or 1 with a traceback instead of 130 / 143)."""
+    mod = sys.modules.get("igpt.distributed")  # imported by every command that can start a process group
+    return mod is not None and hasattr(mod, "in_process_group") and mod.in_process_group()
 
 
 def failed(code: int) -> int:

@@ -34,6 +34,7 @@ class Split:
     n: int  # images in the split (bad files that skip_bad drops are counted in ``skipped``)
     read: Callable[[int], Iterator[Chunk]]
     skipped: list[str] = field(default_factory=list)
+    labelled: bool = True  # whether its chunks carry labels (known before reading any image)
 
     def chunks(self, chunk_size: int = 4096) -> Iterator[Chunk]:
         return self.read(chunk_size)
@@ -133,7 +134,7 @@ def idx_split(images: Path, labels: Path | None, start: int = 0, stop: int | Non
             except _IDX_ERRORS as e:
                 raise IgptError(f"{images}: corrupt file ({e})") from None
 
-    return Split(stop - start, read)
+    return Split(stop - start, read, labelled=lab is not None)
 
 
 # -- image folders ------------------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ def _file_channels(path: Path) -> int:
 
 
 def _files_split(files: list[Path], labels: list[int] | None, channels: int, skip_bad: bool) -> Split:
-    split = Split(len(files), lambda chunk: iter(()))
+    split = Split(len(files), lambda chunk: iter(()), labelled=labels is not None)
 
     def read(chunk: int) -> Iterator[Chunk]:
         split.skipped.clear()
@@ -256,7 +257,7 @@ def _array_split(x: np.ndarray, y: np.ndarray | None, channels: int, where: str)
                 imgs = np.stack([convert_channels(im, channels) for im in imgs])
             yield imgs, None if y is None else y[s : s + chunk]
 
-    return Split(len(x), read)
+    return Split(len(x), read, labelled=y is not None)
 
 
 _NPZ_LAYOUTS = [  # (split, images key, labels key)

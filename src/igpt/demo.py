@@ -42,6 +42,13 @@ PROBE_MAX_ITER = 300
 PROBE_CONCAT = 2
 
 
+def is_demo_record(d: dict) -> bool:
+    """Whether a demo.json object is one that `igpt demo` wrote: its "config" holds DemoConfig's settings (a
+    bare "config" key let a user's own demo.json mark a folder as ours, and the demo deleted it)."""
+    c = d.get("config")
+    return isinstance(c, dict) and {"out", "data", "minutes", "n_px", "preset", "palette_size"} <= set(c)
+
+
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"  # everything goes here (an old demo there is replaced)
@@ -153,13 +160,28 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
     return [" ".join(q(a) for a in c) for c in [demo, *stages]]
 
 
+def check_data(cfg: DemoConfig, labelled: bool, counts: dict[str, int]) -> None:
+    """IgptError unless the data has labels, images in train, val and test, and enough test images for the
+    completions (checked before an old demo is removed, and again after prepare)."""
+    if not labelled:
+        raise IgptError(f"{cfg.data}: the demo's probe needs class labels (class folders, IDX labels, CIFAR)")
+    empty = [s for s in ("train", "val", "test") if not counts.get(s)]
+    if empty:
+        sizes = ", ".join(f"{s} {n}" for s, n in counts.items())
+        raise IgptError(f"{cfg.data}: too few images for the demo's splits ({sizes}; empty: {', '.join(empty)}); "
+                        "the probe needs images in train, val and test")
+    if cfg.completions > counts["test"]:
+        raise IgptError(f"{cfg.data}: {counts['test']} test images, fewer than the {cfg.completions} completions "
+                        "asked for")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; write OUT/summary.json and OUT/report.html; return the summary."""
     from igpt.checkpoint import load_model, save_model
     from igpt.datasets import open_source
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import nll
-    from igpt.prepare import PrepareConfig, prepare
+    from igpt.prepare import PrepareConfig, planned_counts, prepare
     from igpt.presets import get_preset
     from igpt.probe import ProbeConfig, run_probe
     from igpt.report import write_report
@@ -171,15 +193,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     budget = cfg.minutes * 60
     out = Path(cfg.out)
-    check_replaceable(out, {MARKER: "config"})
+    check_replaceable(out, {MARKER: is_demo_record})
     device = pick_device(cfg.device, get_dist_info())
     src = open_source(cfg.data, cfg.data_dir)  # a bad --data or --device must not cost the old demo
     k = cfg.palette_size or (16 if src.channels == 1 else 64)
     prep = PrepareConfig(out=str(out / "shards"), data=cfg.data, data_dir=cfg.data_dir, n_px=cfg.n_px,
                          palette_size=k, seed=cfg.seed, test_fraction=0.0 if "test" in src.splits else 0.1)
-    if out.exists():
-        shutil.rmtree(out)  # an old demo (it holds our marker): start clean
-    out.mkdir(parents=True)
+    # labels and split sizes are known without decoding: checked before an old demo goes
+    check_data(cfg, all(sp.labelled for sp in src.splits.values()), planned_counts(src, prep))
+    if out.exists():  # an old demo (it holds our marker): start clean. A symlinked --out: the folder it names
+        shutil.rmtree(out.resolve())  # is replaced, as for every --out (rmtree refused the link itself)
+    out.resolve().mkdir(parents=True)
     atomic_write_bytes(out / MARKER, (json.dumps({"config": asdict(cfg)}, indent=2) + "\n").encode())
     timings: dict[str, float] = {}
 
@@ -189,16 +213,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     meta = prepare(prep)
     shards = load_shards(out / "shards")
     counts = meta["counts"]
-    if not meta["labels"]:
-        raise IgptError(f"{cfg.data}: the demo's probe needs class labels (class folders, IDX labels, CIFAR)")
-    empty = [s for s in ("train", "val", "test") if not counts.get(s)]
-    if empty:  # before minutes of training, not after
-        sizes = ", ".join(f"{s} {n}" for s, n in counts.items())
-        raise IgptError(f"{cfg.data}: too few images for the demo's splits ({sizes}; empty: {', '.join(empty)}); "
-                        "the probe needs images in train, val and test")
-    if cfg.completions > counts["test"]:
-        raise IgptError(f"{cfg.data}: {counts['test']} test images, fewer than the {cfg.completions} completions "
-                        "asked for")
+    check_data(cfg, meta["labels"], counts)  # again with what was written (--skip-bad is not used here)
     timings["prepare"] = time.perf_counter() - t
     print(f"      {', '.join(f'{s} {n}' for s, n in counts.items())} images, {k} colours "
           f"({timings['prepare']:.1f} s)", flush=True)
@@ -212,10 +227,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                       counts["val"] + counts["test"], n_img,
                       cfg.completions * cfg.per_image * mcfg.seq_len // 2 + cfg.samples * mcfg.seq_len,
                       cfg.max_steps, n_fit_sets=mcfg.n_layer + 1 + 3)  # the layers, a concatenation, 2 baselines
-    if not cfg.steps and plan["later_s"] + plan["steps"] * step_s > budget:
+    if not cfg.steps and plan["minimum"]:
         print(f"      note: --minutes {cfg.minutes:g} is less than this run needs: the stages after training are "
-              f"estimated at {plan['later_s']:.0f} s; training takes its minimum of {plan['steps']} steps",
-              flush=True)
+              f"estimated at {plan['later_s']:.0f} s; training takes its minimum of {plan['steps']} steps, with no "
+              "time limit", flush=True)
     steps = plan["steps"] = cfg.steps or plan["steps"]
     time_limit = None if cfg.steps else plan["time_limit_s"]  # fixed --steps: train them all (or to --stop-at)
     plan["time_limit_s"] = time_limit  # what the loop was given (none with --steps)

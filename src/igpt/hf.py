@@ -24,9 +24,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from igpt.checkpoint import build_model, load_heads, load_model, read_pt, read_tensors, save_model
+from igpt.checkpoint import (
+    build_model,
+    load_heads,
+    load_model,
+    read_pt,
+    read_tensors,
+    save_model,
+    write_safetensors,
+)
 from igpt.errors import IgptError
 from igpt.io import atomic_dir, check_replaceable, chmod_default, read_json
 from igpt.model import ImageGPT, ImageGPTConfig
@@ -238,7 +245,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
         hc["id2label"] = {str(i): f"LABEL_{i}" for i in range(score.shape[0])}
         hc["label2id"] = {f"LABEL_{i}": i for i in range(score.shape[0])}
     with atomic_dir(out_dir) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_safetensors(state, tmp / "model.safetensors", metadata={"format": "pt"})
         chmod_default(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hc, indent=2) + "\n")
         if palette is not None:

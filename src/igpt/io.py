@@ -16,7 +16,7 @@ import tempfile
 import tokenize
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,13 +43,15 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it over ``path``."""
+    """Write ``data`` to a temporary file beside ``path`` ('.NAME.<host>-<pid>.<random>.tmp'), fsync it, then
+    rename it over ``path``."""
     path = Path(path)
     if path.is_dir():
         raise IgptError(f"{path} is a folder; give the name of a file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(path)  # what a killed writer of the same file left (eval.json, probe.json, a PNG, ...)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{_owner()}.", suffix=".tmp")
     except OSError as e:  # the folder does not take files (read-only, no permission, /proc ...)
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
@@ -94,12 +96,13 @@ def remove_stale_temporaries(folder: str | Path, names) -> list[Path]:
 
 
 def _temporaries(folder: Path, name: str):
-    """The temporaries atomic_write_bytes makes beside ``folder / name``: '.NAME.<random>.tmp'."""
+    """The temporaries atomic_write_bytes makes beside ``folder / name``: '.NAME.<host>-<pid>.<random>.tmp' (and
+    '.NAME.<random>.tmp' before the fourteenth session)."""
     return folder.glob(f".{glob.escape(name)}.*.tmp")
 
 
 def _owner() -> str:
-    """'<host>-<pid>': which process made a temporary directory (atomic_dir's names carry it)."""
+    """'<host>-<pid>': which process made a temporary (atomic_dir's and atomic_write_bytes' names carry it)."""
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
@@ -113,35 +116,44 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_orphaned_dirs(path: Path) -> list[Path]:
-    """Delete the temporary directories that atomic_dir(path) calls left beside ``path`` when their process was
-    killed (SIGKILL, power loss: no ``finally`` ran): '.NAME.<host>-<pid>.<random>.tmp' made on this host by a
-    process that no longer exists. Another host's (a shared disk) or a live process's are kept. Returns them."""
+def remove_orphans(path: Path) -> list[Path]:
+    """Delete the temporaries (directories of atomic_dir, files of atomic_write_bytes) that writes to ``path``
+    left beside it when their process was killed (SIGKILL, power loss: no ``finally`` ran):
+    '.NAME.<host>-<pid>.<random>.tmp' made on this host by a process that no longer exists. Another host's (a
+    shared disk) or a live process's are kept. Returns them."""
     pattern = re.compile(rf"^\.{re.escape(path.name)}\.(.+)-(\d+)\.[^.]+\.tmp$")
     host, gone = socket.gethostname(), []
     for d in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         m = pattern.match(d.name)
-        if m and m.group(1) == host and d.is_dir() and not _alive(int(m.group(2))):
+        if not m or m.group(1) != host or _alive(int(m.group(2))):
+            continue
+        if d.is_dir() and not d.is_symlink():
             shutil.rmtree(d, ignore_errors=True)
-            gone.append(d)
+        else:
+            d.unlink(missing_ok=True)
+        gone.append(d)
     return gone
 
 
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, follow_symlink: bool = True) -> Iterator[Path]:
     """Yield a fresh temporary directory; on success it replaces ``path`` in one rename.
 
     On any error (or interruption) the temporary directory is removed and ``path`` keeps what it had. An
-    existing ``path`` is moved aside first and deleted only after the new one is in place.
+    existing ``path`` is moved aside first and deleted only after the new one is in place. A symlink at
+    ``path``: its target is replaced (a user's --out), or with ``follow_symlink=False`` (names inside a folder
+    of ours, such as a run's step-NNNNNN) the link alone is removed, never what it points to.
     """
     path = Path(path)
+    if path.is_symlink() and not follow_symlink:  # a link planted inside our folder: replacing its target
+        path.unlink()  # deleted a folder outside the run
     if path.is_symlink():  # the folder it names is replaced (a temporary beside the link was left behind, the
         path = Path(os.path.realpath(path))  # link itself became a folder and the target kept the old files)
     if Path.cwd().resolve().is_relative_to(path.resolve()):  # '.' or above: the final rename could only fail
         raise IgptError(f"{path}: the folder you are working in (or one above it) cannot be replaced; give the "
                         "output a new folder name")
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_orphaned_dirs(path)
+    remove_orphans(path)
     try:
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_owner()}.", suffix=".tmp"))
     except OSError as e:  # the folder does not take files: name the output, not the hidden temporary
@@ -201,9 +213,10 @@ def exchange(a: str | Path, b: str | Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def check_replaceable(path: Path, markers: dict[str, str | tuple[str, object]]) -> None:
+def check_replaceable(path: Path, markers: dict[str, str | tuple[str, object] | Callable[[dict], bool]]) -> None:
     """Refuse to overwrite something that is not an (old) output of ours: a file, or a non-empty directory
-    without one of ``markers`` ({JSON file our outputs always have: a key it always holds, or (key, value)}).
+    without one of ``markers`` ({JSON file our outputs always have: a key it always holds, (key, value), or a
+    test of the JSON object}).
     A file of that name alone is not enough: `config.json` is a common name (a Hugging Face model folder, a
     user's project). Replacing a directory deletes it, so a wrong --out must not cost data."""
     if not path.exists():
@@ -218,13 +231,15 @@ def check_replaceable(path: Path, markers: dict[str, str | tuple[str, object]]) 
         raise IgptError(f"{path} is a non-empty directory that igpt did not write; refusing to replace it")
 
 
-def _json_has(f: Path, key: str | tuple[str, object]) -> bool:
-    """Whether ``f`` is a JSON object file with ``key`` (a (key, value) pair: with that value); False for
-    anything else, unreadable included."""
+def _json_has(f: Path, key: str | tuple[str, object] | Callable[[dict], bool]) -> bool:
+    """Whether ``f`` is a JSON object file with ``key`` (a (key, value) pair: with that value; a callable: that
+    it accepts the object); False for anything else, unreadable included."""
     try:
         d = json.loads(f.read_text()) if f.is_file() else None
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return False
+    if callable(key):
+        return isinstance(d, dict) and bool(key(d))
     if isinstance(key, tuple):
         return isinstance(d, dict) and key[0] in d and d[key[0]] == key[1]
     return isinstance(d, dict) and key in d

@@ -279,7 +279,7 @@ class Palette:
         if side.is_file():
             try:
                 want = json.loads(side.read_text()).get("sha256")
-            except (ValueError, UnicodeDecodeError, AttributeError):
+            except (OSError, ValueError, UnicodeDecodeError, AttributeError, RecursionError):
                 raise IgptError(f"{side}: palette sidecar is not valid JSON") from None
             if want is not None and want != pal.hash:
                 raise IgptError(f"{path} does not match its sidecar {side.name} (content hash differs)")

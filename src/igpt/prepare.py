@@ -79,6 +79,20 @@ def val_mask(n: int, fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
+def planned_counts(src: Source, cfg: PrepareConfig) -> dict[str, int]:
+    """The split sizes ``prepare`` will write for ``src`` (before decoding: files that --skip-bad drops aside),
+    by the same rules: a test split carved from train when the source has none and test_fraction > 0, then a
+    val split from the rest when the source has none."""
+    n = src.splits["train"].n
+    test = src.splits["test"].n if "test" in src.splits else round(n * cfg.test_fraction)
+    rest = n - (0 if "test" in src.splits else test)
+    val = src.splits["val"].n if "val" in src.splits else round(rest * cfg.val_fraction)
+    counts = {"train": rest - (0 if "val" in src.splits else val), "val": val}
+    if "test" in src.splits or cfg.test_fraction:
+        counts["test"] = test
+    return counts
+
+
 class PixelFile:
     """Decoded images (N, n_px, n_px, C) uint8 in a raw file, written and read in sequential chunks.
 

@@ -32,7 +32,8 @@ def read_settings_file(path: str | Path, section: str) -> dict:
         d = json.loads(text) if kind == "JSON" else tomllib.loads(text)
     except FileNotFoundError:
         raise IgptError(f"--config {p}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError, RecursionError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: the decoders' errors, and an integer of
+        # more digits than Python converts (4300)
         raise IgptError(f"--config {p}: not a readable {kind} file ({e})") from None
     if not isinstance(d, dict):
         raise IgptError(f"--config {p}: expected a table of settings, got {type(d).__name__}")
@@ -84,6 +85,17 @@ def check_settings(cls, d: dict, what: str) -> None:
     for name, value in d.items():
         if not has_type(value, hints[name]):
             raise IgptError(f"{what} config: {name} must be {_type_name(hints[name])}, got {value!r}")
+        if isinstance(value, str) and ("\x00" in value or not value.isprintable() and _unencodable(value)):
+            raise IgptError(f"{what} config: {name} holds a NUL character or an unpaired surrogate, which no "
+                            f"path or name can: {value!r}")
+
+
+def _unencodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def build(cls, d: dict, what: str):

@@ -152,7 +152,7 @@ def train(cfg: TrainConfig) -> dict:
     if (out / "model.safetensors").exists():  # its config.json is a model's, not a run's: never write over it
         raise IgptError(f"{out} holds a model (model.safetensors), not a training run; choose another --out")
     if resume is not None and cfg.resume != "auto":
-        check_replaceable(out, {CONFIG_FILE: "train"})  # an explicit --resume DIR writes into --out: it must be ours
+        check_replaceable(out, {CONFIG_FILE: "igpt_version"})  # an explicit --resume DIR writes into --out: it must be ours
         _check_same_run(out, resume)
         at = checkpoint_step(resume)  # from its name, else from its train_state.json (a copy under another name)
         if at is None and (resume / "train_state.json").is_file():
@@ -166,7 +166,7 @@ def train(cfg: TrainConfig) -> dict:
             raise IgptError(f"--resume {resume} (step {at}): {out / 'checkpoints'} holds later checkpoints "
                             f"({', '.join(newer)}) of another branch; move them away or choose another --out")
     if info.is_main and resume is None:
-        check_replaceable(out, {CONFIG_FILE: "train"})
+        check_replaceable(out, {CONFIG_FILE: "igpt_version"})
         if latest_checkpoint(out / "checkpoints") is not None:
             raise IgptError(f"{out} already holds a run with checkpoints; continue it with --resume auto, "
                             "or choose another --out")

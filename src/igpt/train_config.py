@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0  # model init, data order, masks and augmentation
     log_every: int = 10  # steps between metrics rows
     eval_every: int = 500  # steps between validations (and at the last step); 0: only at the end
-    eval_images: int = 1000  # validation images per evaluation (the first N of the val split); 0: all
+    eval_images: int = 1000  # validation images per evaluation (N spread evenly over the val split); 0: all
     save_every: int = 500  # steps between checkpoints (and at the last step)
     keep: int = 3  # checkpoints kept (the newest ones)
     resume: str | None = None  # 'auto' (newest complete checkpoint in out/checkpoints, if any) or a path
@@ -65,8 +65,9 @@ class TrainConfig:
             _positive("micro_batch_size", self.micro_batch_size)
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise IgptError(f"train config: stop_at must be in [1, steps={self.steps}], got {self.stop_at}")
-        if self.time_limit is not None and (isinstance(self.time_limit, bool) or not self.time_limit > 0):
-            raise IgptError(f"train config: time_limit must be a number of seconds > 0, got {self.time_limit!r}")
+        if self.time_limit is not None and (isinstance(self.time_limit, bool) or not 0 < self.time_limit < math.inf):
+            raise IgptError(f"train config: time_limit must be a finite number of seconds > 0, got "
+                            f"{self.time_limit!r}")
         if self.objective not in MODES:
             raise IgptError(f"train config: objective must be one of {MODES}, got {self.objective!r}")
         if self.dtype not in DTYPES:

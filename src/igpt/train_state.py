@@ -26,7 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igpt.checkpoint import MODEL_FILE, build_model, read_config, read_pt, read_tensors, write_model_files
+from igpt.checkpoint import (
+    MODEL_FILE,
+    build_model,
+    read_config,
+    read_pt,
+    read_tensors,
+    write_model_files,
+    write_torch,
+)
 from igpt.errors import IgptError
 from igpt.io import atomic_dir, atomic_write_bytes, read_json
 
@@ -87,10 +95,10 @@ def save_train_checkpoint(ckpt_root: Path, model_state: dict, model_cfg, palette
     """Write step-NNNNNN (call on rank 0 only, with gathered states), then point ``latest`` at it, then delete
     all but the newest ``keep`` checkpoints. Returns the checkpoint directory."""
     path = ckpt_root / step_dir_name(meta["step"])
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, follow_symlink=False) as tmp:
         write_model_files(tmp, model_state, model_cfg, palette)
-        torch.save(optim_state, tmp / OPTIM_FILE)
-        torch.save({"ranks": rngs}, tmp / RNG_FILE)
+        write_torch(optim_state, tmp / OPTIM_FILE)
+        write_torch({"ranks": rngs}, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     atomic_write_bytes(ckpt_root / LATEST, (path.name + "\n").encode())  # only after the directory is in place
     for old in list_checkpoints(ckpt_root)[:-keep]:
@@ -118,9 +126,9 @@ def _remove(path: Path) -> None:
         except OSError:
             return
         path = hidden
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    else:
+    else:  # a file, or a link (to a folder: the link alone goes)
         path.unlink(missing_ok=True)
 
 
@@ -179,6 +187,16 @@ def set_aside(path: Path, current: Path) -> Path:
     return target
 
 
+def _meta_ok(meta: dict) -> bool:
+    """train_state.json's fields have the types igpt writes (a damaged one failed later, some after a step
+    had been computed: a string best_val_loss, shards that were not a table, a negative step)."""
+    step, best = meta.get("step"), meta.get("best_val_loss")
+    return (isinstance(step, int) and not isinstance(step, bool) and step >= 0
+            and isinstance(meta.get("train_config"), dict)
+            and (best is None or (isinstance(best, int | float) and not isinstance(best, bool)))
+            and isinstance(meta.get("shards", {}), dict) and isinstance(meta.get("dtype", ""), str))
+
+
 def load_train_checkpoint(path: Path, model_cfg) -> dict:
     """{'model': state dict, 'optim': state dict, 'rng': [per-rank states], 'meta': dict}; IgptError when the
     directory is incomplete or holds a model of another shape than ``model_cfg``."""
@@ -194,8 +212,7 @@ def load_train_checkpoint(path: Path, model_cfg) -> dict:
     optim, rng = read_pt(path / OPTIM_FILE), read_pt(path / RNG_FILE)
     meta = read_json(path / STATE_FILE)
     if not (isinstance(optim, dict) and isinstance(rng, dict) and isinstance(rng.get("ranks"), list)
-            and isinstance(meta, dict) and isinstance(meta.get("step"), int)
-            and isinstance(meta.get("train_config"), dict)):
+            and isinstance(meta, dict) and _meta_ok(meta)):
         raise IgptError(f"{path}: unreadable training checkpoint (optimizer.pt, rng.pt or train_state.json is "
                         "not what igpt writes)")
     for i, st in enumerate(rng["ranks"]):
