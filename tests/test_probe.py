@@ -363,3 +363,12 @@ def test_feature_cache_is_reused_extended_and_invalidated(tmp_path, monkeypatch)
     fresh = F.cached_features(model, sh2.tokens("val"), [0], 16, "cpu", cache, F.cache_keys(ck, sh2, ["val"])["val"])
     assert len(calls) == n + 1
     assert np.array_equal(fresh[0], real(model, sh2.tokens("val"), [0], 16, "cpu")[0])
+    # a damaged cache (a truncated layer file, an unreadable key file) is recomputed, not a traceback
+    key = F.cache_keys(ck, sh2, ["val"])["val"]
+    (cache / "val_layer0.npy").write_bytes((cache / "val_layer0.npy").read_bytes()[:100])
+    again = F.cached_features(model, sh2.tokens("val"), [0], 16, "cpu", cache, key)
+    assert len(calls) == n + 2 and np.array_equal(again[0], fresh[0])
+    (cache / "val_key.json").write_text("{")
+    F.cached_features(model, sh2.tokens("val"), [0], 16, "cpu", cache, key)
+    assert len(calls) == n + 3 and F.cached_features(model, sh2.tokens("val"), [0], 16, "cpu", cache, key)
+    assert len(calls) == n + 3  # and the cache works again

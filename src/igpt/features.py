@@ -93,6 +93,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _read_json(f: Path):
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _read_cached(f: Path, rows: int) -> np.ndarray | None:
+    """A cached feature array (rows, d) float32, or None when it is missing or damaged (it is then recomputed:
+    a truncated file was a traceback)."""
+    try:
+        x = np.load(f, allow_pickle=False) if f.is_file() else None
+    except (OSError, ValueError, EOFError):
+        return None
+    ok = x is not None and x.ndim == 2 and len(x) == rows and x.dtype == np.float32
+    return x if ok else None
+
+
 def cached_features(model, tokens, layers, batch_size: int, device, cache_dir: Path | None, key: dict | None):
     """extract_features, reusing CACHE_DIR/{split}_layer{l}.npy written for the same ``key`` (missing layers
     are computed in one pass and added). cache_dir None: no cache (and no key needed)."""
@@ -100,9 +118,9 @@ def cached_features(model, tokens, layers, batch_size: int, device, cache_dir: P
         return extract_features(model, tokens, layers, batch_size, device)
     split = key["split"]
     key_file = cache_dir / f"{split}_key.json"
-    same = key_file.is_file() and json.loads(key_file.read_text()) == key
+    same = key_file.is_file() and _read_json(key_file) == key  # a damaged key file: not the same (recomputed)
     path = lambda l: cache_dir / f"{split}_layer{l}.npy"  # noqa: E731, E741
-    have = {l: np.load(path(l), allow_pickle=False) for l in layers if same and path(l).is_file()}  # noqa: E741
+    have = {l: f for l in layers if same and (f := _read_cached(path(l), len(tokens))) is not None}  # noqa: E741
     todo = [l for l in layers if l not in have]  # noqa: E741
     if todo:
         new = extract_features(model, tokens, todo, batch_size, device)

@@ -80,8 +80,8 @@ def val_mask(n: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def planned_counts(src: Source, cfg: PrepareConfig) -> dict[str, int]:
-    """The split sizes ``prepare`` will write for ``src`` (before decoding: files that --skip-bad drops aside),
-    by the same rules: a test split carved from train when the source has none and test_fraction > 0, then a
+    """The split sizes ``prepare`` will write for ``src``, known before decoding (files that --skip-bad will
+    drop are not foreseen), by the same rules: a test split carved from train when the source has none and test_fraction > 0, then a
     val split from the rest when the source has none."""
     n = src.splits["train"].n
     test = src.splits["test"].n if "test" in src.splits else round(n * cfg.test_fraction)
