@@ -99,6 +99,24 @@ def test_a_real_write_failure_is_one_line(shards, tmp_path, limit, failing):
     assert list((out / "checkpoints").iterdir()) == []  # no temporary left behind
 
 
+def test_a_real_write_failure_in_prepare_names_the_output(tmp_path):
+    """A full disk while prepare wrote its temporary pixel and token files said only 'igpt: error: No space left
+    on device' (numpy's writes name no file); now the output folder, with nothing left behind."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+
+    out = tmp_path / "sh"
+    r = subprocess.run([sys.executable, "-m", "igpt", "prepare", "--data", "fashion-mnist-mini", "--n-px", "12",
+                        "--palette-size", "8", "--out", str(out)], capture_output=True, text=True,
+                       preexec_fn=limited, timeout=300)
+    assert (r.returncode, r.stderr) == (2, f"igpt: error: {out}: File too large\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("where", ["model", "optimizer", "latest"])
 def test_disk_full_during_a_checkpoint(shards, tmp_path, monkeypatch, where):
     """ENOSPC while writing step 3's checkpoint: one clear error, step 2 intact and still the one to resume."""

@@ -221,6 +221,15 @@ def fit_device(name: str | None) -> str:
 
 def prepare(cfg: PrepareConfig) -> dict:
     """Build token shards as described in the module docstring; returns the meta.json content."""
+    try:
+        return _prepare(cfg)
+    except OSError as e:  # a full disk while writing the temporary files names none: name the output
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, cfg.out) from None
+        raise
+
+
+def _prepare(cfg: PrepareConfig) -> dict:
     check_replaceable(Path(cfg.out), {"meta.json": "palette_sha256"})  # before any work: never replace a folder we did not write
     if cfg.data.startswith(OPENAI_NPY):  # OpenAI's arrays are palette ids already: no decoding or quantizing
         from igpt.openai import prepare_openai_npy
