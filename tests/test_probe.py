@@ -247,6 +247,9 @@ def test_concat_window_outside_the_requested_layers_and_non_finite_features(tmp_
     few = run_probe(ProbeConfig(str(ck), str(sh), str(tmp_path / "out1"), Cs=(1.0,), max_iter=1))
     assert any(re.fullmatch(r"\d+ of \d+ logistic-regression fits stopped at --max-iter 1 before converging "
                             r"\(C = 1\): raise --max-iter", w) for w in few["warnings"]), few["warnings"]
+    stuck = few["unconverged_fits"]  # the same, as fields (the demo words it for its own cap)
+    assert stuck["max_iter"] == 1 and stuck["Cs"] == [1.0] and 0 < stuck["stopped"] <= stuck["fits"]
+    assert stuck["warning"] in few["warnings"] and "unconverged_fits" not in res
     with torch.no_grad():
         model.h[0].mlp.c_fc.weight[0, 0] = float("nan")
     ck = save_model(tmp_path / "ck_nan", model, Palette.load(sh / "palette.npy"))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import resource
 import shlex
 import shutil
@@ -270,11 +269,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"      best layer {pres['best_layer']} (chosen on val): test accuracy {100 * pres['test_accuracy']:.1f}% "
           f"vs raw pixels {100 * pres['baseline_test_accuracy']:.1f}%{native}; layers {cat['layers'][0]}-"
           f"{cat['layers'][-1]} concatenated: {100 * cat['test_accuracy']:.1f}%", flush=True)
-    for w in pres["warnings"]:  # the fits' cap is the demo's (PROBE_MAX_ITER), not a flag of this command
-        if w.endswith(": raise --max-iter"):
-            w = re.sub(r"--max-iter (\d+)", r"the demo's cap of \1 L-BFGS iterations", w[:-len(": raise --max-iter")])
-            w += "; `igpt probe` runs them to 1000 (README)"
-        print(f"      warning: {w}", flush=True)
+    stuck = pres.get("unconverged_fits")
+    for w in pres["warnings"]:
+        if stuck is None or w != stuck["warning"]:  # that one names --max-iter, which the demo does not take
+            print(f"      warning: {w}", flush=True)
+    if stuck is not None:
+        print(f"      warning: {stuck['stopped']} of {stuck['fits']} logistic-regression fits stopped at the demo's cap "
+              f"of {stuck['max_iter']} L-BFGS iterations before converging (C = "
+              f"{', '.join(f'{c:g}' for c in stuck['Cs'])}); `igpt probe` runs them to 1000 (README)", flush=True)
 
     # 5. completions and samples
     t = time.perf_counter()

@@ -42,28 +42,28 @@ def get_dist_info() -> DistInfo:
                     int(os.environ.get("WORLD_SIZE", 1)))
 
 
-def pick_device(requested: str | None, info: DistInfo) -> torch.device:
+def pick_device(requested: str | None, info: DistInfo, flag: str = "--device") -> torch.device:
     """'cuda' -> this rank's GPU; None -> CUDA when present, else CPU. A name torch does not know, a device
     this machine lacks, or a numbered accelerator under torchrun (every rank would take that one device) is an
-    IgptError naming it."""
+    IgptError naming it as ``flag`` (the setting it came from)."""
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device("cuda", info.local_rank) if name == "cuda" else torch.device(name)
     except (RuntimeError, ValueError):
-        raise IgptError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        raise IgptError(f"{flag} {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if device.type == "meta":  # tensors without data: training ended in a traceback from autocast
-        raise IgptError(f"--device {name}: meta tensors hold no data; give cpu or cuda")
+        raise IgptError(f"{flag} {name}: meta tensors hold no data; give cpu or cuda")
     if device.type == "cpu" and device.index not in (None, 0):  # torch takes it; loading weights to it fails
-        raise IgptError(f"--device {name}: the CPU has no numbered devices; give --device cpu")
+        raise IgptError(f"{flag} {name}: the CPU has no numbered devices; give {flag} cpu")
     if info.distributed and device.type != "cpu" and name != device.type:
-        raise IgptError(f"--device {name}: under torchrun ({info.world_size} processes) every rank would use this "
-                        f"one device; give --device {device.type} (each rank takes its LOCAL_RANK's device; "
+        raise IgptError(f"{flag} {name}: under torchrun ({info.world_size} processes) every rank would use this "
+                        f"one device; give {flag} {device.type} (each rank takes its LOCAL_RANK's device; "
                         f"choose the cards with CUDA_VISIBLE_DEVICES)")
     try:
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise IgptError(f"--device {name}: not usable on this machine ({first})") from None
+        raise IgptError(f"{flag} {name}: not usable on this machine ({first})") from None
     return device
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from igpt.io import atomic_write_bytes
+from igpt.errors import IgptError
+from igpt.io import atomic_write_bytes, read_json
 from igpt.model import ar_inputs
 from igpt.shards import check_ids
 
@@ -58,7 +59,6 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, n_classes: int | None 
     """Sorted indices of exactly ``k`` examples of every class (0 .. n_classes - 1, or those present in
     ``labels``), drawn without replacement by a generator seeded with (seed, k). A class with fewer than k
     examples (none included) is an error."""
-    from igpt.errors import IgptError
 
     rng = np.random.default_rng([seed, k])
     picks = []
@@ -93,13 +93,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_json(f: Path):
-    try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-
-
 def _read_cached(f: Path, rows: int) -> np.ndarray | None:
     """A cached feature array (rows, d) float32, or None when it is missing or damaged (it is then recomputed:
     a truncated file was a traceback)."""
@@ -118,7 +111,10 @@ def cached_features(model, tokens, layers, batch_size: int, device, cache_dir: P
         return extract_features(model, tokens, layers, batch_size, device)
     split = key["split"]
     key_file = cache_dir / f"{split}_key.json"
-    same = key_file.is_file() and _read_json(key_file) == key  # a damaged key file: not the same (recomputed)
+    try:  # a damaged key file: not the same key (the features are recomputed)
+        same = key_file.is_file() and read_json(key_file) == key
+    except IgptError:
+        same = False
     path = lambda l: cache_dir / f"{split}_layer{l}.npy"  # noqa: E731, E741
     have = {l: f for l in layers if same and (f := _read_cached(path(l), len(tokens))) is not None}  # noqa: E741
     todo = [l for l in layers if l not in have]  # noqa: E741

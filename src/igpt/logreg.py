@@ -39,7 +39,13 @@ REFRESH = 25  # recompute the logits from the weights every this many iterations
 
 class ConvergenceWarning(UserWarning):
     """Some problems of a ``fit_batch`` stopped at ``max_iter`` with a gradient entry still above ``tol`` (as
-    scikit-learn's warning of the same name)."""
+    scikit-learn's warning of the same name): ``stopped`` of ``fits``, at the C values ``Cs``."""
+
+    def __init__(self, stopped: int, fits: int, max_iter: int, tol: float, Cs: list[float]):
+        self.stopped, self.fits, self.max_iter, self.Cs = stopped, fits, max_iter, Cs
+        super().__init__(f"logistic regression: {stopped} of {fits} fits stopped at max_iter={max_iter} with a "
+                         f"gradient entry above tol={tol:g} (C = {', '.join(f'{c:g}' for c in sorted(set(Cs)))}); "
+                         "raise max_iter for converged fits")
 
 
 def objective(W: torch.Tensor, b: torch.Tensor, X: torch.Tensor, y: torch.Tensor, C: float) -> torch.Tensor:
@@ -289,12 +295,8 @@ def fit_batch(X, y, C, n_classes: int | None = None, *, max_iter: int = 1000, to
     out_T = out_T.view(G, P, K, -1)
     loss = final.trial(final.logits(out_T.view(Q, K, -1)), out_T.view(Q, K, -1))[0]
     if not converged.all():
-        w = ConvergenceWarning(f"logistic regression: {int((~converged).sum())} of {Q} fits stopped at max_iter="
-                               f"{max_iter} with a gradient entry above tol={tol:g} (C = "
-                               f"{', '.join(f'{c:g}' for c in sorted(set(Cb.reshape(-1)[~converged])))}); raise "
-                               "max_iter for converged fits")
-        w.stopped, w.fits, w.max_iter, w.Cs = int((~converged).sum()), Q, max_iter, Cb.reshape(-1)[~converged]
-        warnings.warn(w, stacklevel=2)
+        warnings.warn(ConvergenceWarning(int((~converged).sum()), Q, max_iter, tol,
+                                         Cb.reshape(-1)[~converged].tolist()), stacklevel=2)
     return Fits(out_T[..., :-1].contiguous(), out_T[..., -1].contiguous(), loss.view(G, P).cpu().numpy(),
                 out_it.reshape(G, P), converged.reshape(G, P))
 

@@ -81,8 +81,8 @@ def val_mask(n: int, fraction: float, seed: int) -> np.ndarray:
 
 def planned_counts(src: Source, cfg: PrepareConfig) -> dict[str, int]:
     """The split sizes ``prepare`` will write for ``src``, known before decoding (files that --skip-bad will
-    drop are not foreseen), by the same rules: a test split carved from train when the source has none and test_fraction > 0, then a
-    val split from the rest when the source has none."""
+    drop are not foreseen), by its rules: a test split carved from train when the source has none and
+    test_fraction > 0, then a val split from the rest when the source has none."""
     n = src.splits["train"].n
     test = src.splits["test"].n if "test" in src.splits else round(n * cfg.test_fraction)
     rest = n - (0 if "test" in src.splits else test)
@@ -212,10 +212,7 @@ def fit_device(name: str | None) -> str:
     """The palette fit's device: ``name`` checked, None -> 'cuda' when present, else 'cpu'."""
     from igpt.distributed import get_dist_info, pick_device  # torch: only for a fit
 
-    try:
-        device = pick_device(name, get_dist_info())
-    except IgptError as e:
-        raise IgptError(str(e).replace("--device", "prepare config fit_device", 1)) from None
+    device = pick_device(name, get_dist_info(), flag="prepare config fit_device")  # checked even when named
     return name or device.type
 
 

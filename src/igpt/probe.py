@@ -187,20 +187,23 @@ def check_finite(feats: dict, checkpoint: str) -> None:
                                 "inf): damaged weights or a diverged run")
 
 
-def unconverged(caught: list, max_iter: int) -> list[str]:
-    """The ConvergenceWarnings among ``caught`` (warnings.catch_warnings records) summed into one message; the
-    others are issued again."""
+def unconverged(caught: list, max_iter: int) -> dict | None:
+    """The ConvergenceWarnings among ``caught`` (warnings.catch_warnings records) summed: {stopped, fits,
+    max_iter, Cs, warning (the line for probe.json's warnings)}, None when there are none; the other warnings
+    are issued again."""
     stopped, total, Cs = 0, 0, set()
     for w in caught:
         if isinstance(w.message, ConvergenceWarning):
             stopped, total = stopped + w.message.stopped, total + w.message.fits
-            Cs.update(float(c) for c in w.message.Cs)
+            Cs.update(w.message.Cs)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not stopped:
-        return []
-    return [f"{stopped} of {total} logistic-regression fits stopped at --max-iter {max_iter} before converging (C = "
-            f"{', '.join(f'{c:g}' for c in sorted(Cs))}): raise --max-iter"]
+        return None
+    Cs = sorted(Cs)
+    return {"stopped": stopped, "fits": total, "max_iter": max_iter, "Cs": Cs,
+            "warning": f"{stopped} of {total} logistic-regression fits stopped at --max-iter {max_iter} before "
+                       f"converging (C = {', '.join(f'{c:g}' for c in Cs)}): raise --max-iter"}
 
 
 def run_probe(cfg: ProbeConfig) -> dict:
@@ -288,8 +291,11 @@ def run_probe(cfg: ProbeConfig) -> dict:
                                         f"{best} (chosen on val with all labels); mean and std over seeds")
     edge = [f"{what} chose C = {c:g}, the edge of the grid: widen --cs" for what, c in
             (("the probe", res["C"]), ("the baseline", res["baseline_C"])) if c in (min(cfg.Cs), max(cfg.Cs))]
+    stuck = unconverged(caught, cfg.max_iter)
+    if stuck is not None:
+        res["unconverged_fits"] = stuck
     res.update({
-        "warnings": (edge if len(cfg.Cs) > 1 else []) + unconverged(caught, cfg.max_iter),
+        "warnings": (edge if len(cfg.Cs) > 1 else []) + ([stuck["warning"]] if stuck else []),
         "accuracy_unit": "fraction in [0, 1]", "mode": model.config.mode, "n_classes": n_classes,
         "counts": {s: len(y[s]) for s in splits}, "C_grid": list(cfg.Cs),
         "objective": "sklearn LogisticRegression(C, lbfgs): C * sum CE + ||W||^2 / 2, multinomial, bias unpenalised",

@@ -85,7 +85,7 @@ def check_settings(cls, d: dict, what: str) -> None:
     for name, value in d.items():
         if not has_type(value, hints[name]):
             raise IgptError(f"{what} config: {name} must be {_type_name(hints[name])}, got {value!r}")
-        if isinstance(value, str) and ("\x00" in value or not value.isprintable() and _unencodable(value)):
+        if isinstance(value, str) and ("\x00" in value or _unencodable(value)):
             raise IgptError(f"{what} config: {name} holds a NUL character or an unpaired surrogate, which no "
                             f"path or name can: {value!r}")
 
