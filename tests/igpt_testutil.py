@@ -1,9 +1,12 @@
-"""Shared helpers for the model / hf / sample / checkpoint tests: tiny random models, ours and transformers'."""
+"""Shared helpers for the tests: tiny random models (ours and transformers'), and a two-rank torchrun launcher."""
 
 from __future__ import annotations
 
 import functools
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -88,3 +91,13 @@ def require_correct_hf_scale(head_dim: int) -> None:
     if math.isqrt(head_dim) ** 2 != head_dim and hf_attention_scale() == "int":
         pytest.skip(f"transformers {transformers.__version__} scales attention by 1/int(sqrt(head_dim)); "
                     "install the pinned transformers==5.24.0 to compare head_dim " + str(head_dim))
+
+
+def torchrun(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 ARGS`` (gloo on this host; one thread per rank), its output
+    captured. --standalone lets the rendezvous bind a port of its own choosing: a port found free by binding a
+    socket first and closing it could be taken by another process before torchrun bound it. The timeout is a
+    guard against a hung rank, far above a normal run's seconds (a loaded CI machine is slower)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+                          capture_output=True, text=True, timeout=timeout, env=full_env)

@@ -4,14 +4,11 @@ rank, checkpoints that move between 1 and 2 ranks; DDP and FSDP2."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from igpt_testutil import torchrun as run_torchrun
 from safetensors.torch import load_file
 
 from igpt.train import train
@@ -40,13 +37,7 @@ def torchrun(cfg: TrainConfig, result: Path, draws: list | None = None) -> list[
     """Run tests/dist_worker.py on 2 ranks; returns [(losses, params)] per rank (and appends each rank's draws of
     its torch generator after training to ``draws``)."""
     result.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-                        f"--master_port={port}", str(WORKER), json.dumps(cfg.to_dict()), str(result)],
-                       capture_output=True, text=True, timeout=120, env=env)
+    r = run_torchrun(str(WORKER), json.dumps(cfg.to_dict()), str(result))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     reports = [json.loads((result / f"rank{i}.json").read_text()) for i in (0, 1)]
     if draws is not None:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from igpt_testutil import torchrun as run_torchrun
 from safetensors.torch import load_file
 
 import igpt.train as T
@@ -245,20 +245,9 @@ def test_non_finite_loss_at_step_k_changes_nothing(shards, tmp_path, monkeypatch
 
 
 # -- two ranks under torchrun ------------------------------------------------------------------------------
-def launch(*args: str) -> subprocess.CompletedProcess:
-    """torchrun with 2 local ranks (gloo, a free port) and ``args`` (its options, then the program)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--master_addr=127.0.0.1", f"--master_port={port}", *args],
-                          capture_output=True, text=True, timeout=180, env=env)
-
-
 def torchrun(cfg: TrainConfig, result: Path, fault: str, *extra: str) -> subprocess.CompletedProcess:
     result.mkdir(parents=True, exist_ok=True)
-    return launch(*extra, str(WORKER), json.dumps(cfg.to_dict()), str(result), fault)
+    return run_torchrun(*extra, str(WORKER), json.dumps(cfg.to_dict()), str(result), fault, MPLBACKEND="Agg")
 
 
 @pytest.mark.distributed
@@ -314,9 +303,9 @@ def test_the_igpt_command_ends_every_rank_of_a_failed_distributed_run_promptly(s
     import time
 
     t = time.monotonic()
-    r = launch("-m", "igpt", "train", "--data", str(shards), "--preset", "tiny", "--steps", "20", "--warmup", "1",
-               "--batch-size", "8", "--lr", "1e10", "--dtype", "fp32", "--eval-every", "0", "--no-progress",
-               "--out", str(tmp_path / "run"))
+    r = run_torchrun("-m", "igpt", "train", "--data", str(shards), "--preset", "tiny", "--steps", "20", "--warmup", "1",
+                     "--batch-size", "8", "--lr", "1e10", "--dtype", "fp32", "--eval-every", "0", "--no-progress",
+                     "--out", str(tmp_path / "run"), MPLBACKEND="Agg")
     took = time.monotonic() - t
     assert r.returncode != 0
     assert r.stderr.count("igpt: error: non-finite loss (") == 2, r.stderr[-3000:]  # one per rank
