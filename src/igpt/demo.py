@@ -30,7 +30,7 @@ import torch
 from igpt.budget import plan_steps, step_seconds
 from igpt.datasets import BUNDLED
 from igpt.errors import IgptError
-from igpt.io import atomic_write_bytes, check_replaceable
+from igpt.io import atomic_write_bytes, check_replaceable, output_lock
 from igpt.settings import check_seed
 
 MARKER, SUMMARY, REPORT = "demo.json", "summary.json", "report.html"
@@ -177,6 +177,11 @@ def check_data(cfg: DemoConfig, labelled: bool, counts: dict[str, int]) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run every stage; write OUT/summary.json and OUT/report.html; return the summary."""
+    with output_lock(cfg.out):  # before an old demo there is removed
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
     from igpt.checkpoint import load_model, save_model
     from igpt.datasets import open_source
     from igpt.distributed import get_dist_info, pick_device

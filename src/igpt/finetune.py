@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from igpt.errors import IgptError
-from igpt.io import atomic_write_bytes
+from igpt.io import atomic_write_bytes, output_lock
 from igpt.model import ar_inputs, ar_loss, bert_loss, bert_mask
 from igpt.settings import check_seed
 from igpt.shards import check_ids, class_count
@@ -165,6 +165,11 @@ class EarlyStopping:
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune ``cfg.checkpoint`` on the labelled shards; write OUT/finetune.json and OUT/checkpoint.
     Returns the JSON's dict plus 'model' and 'head' (the best weights, in eval mode)."""
+    with output_lock(cfg.out):  # a second run into --out stops at once
+        return _finetune(cfg)
+
+
+def _finetune(cfg: FinetuneConfig) -> dict:
     from igpt.checkpoint import load_model, save_model
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import check_compatible

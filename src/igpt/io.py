@@ -22,6 +22,11 @@ from pathlib import Path
 
 from igpt.errors import IgptError
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: outputs are not locked (output_lock)
+    fcntl = None
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -182,6 +187,56 @@ def atomic_dir(path: str | Path, follow_symlink: bool = True) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def output_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output ``path`` while the block runs: a second igpt process given the same
+    output stops at once with one line (two trainings had interleaved their checkpoints in one run folder and
+    pruned each other's; a second demo deleted the folder the first was writing).
+
+    The lock is an advisory ``flock`` on a hidden file beside the output, '.NAME.lock' (the output folder itself
+    may be replaced by a rename, and a lock on a folder it replaced would guard nothing). The file stays: removing
+    it would let a third process lock a new file while a second still holds the old one. A symlinked output locks
+    the folder it names. Under torchrun only global rank 0 locks (the ranks of one job share its outputs).
+    Where the lock file cannot be made or the file system has no locks, nothing is locked (the writes report
+    their own errors).
+    """
+    fd = None if os.environ.get("RANK", "0") not in ("", "0") else _lock_file(Path(os.path.realpath(path)))
+    if fd is None:
+        yield
+        return
+    try:
+        _hold(fd, path)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_file(target: Path) -> int | None:
+    """An open descriptor of '.NAME.lock' beside ``target``, or None where no lock can be had."""
+    if fcntl is None:
+        return None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
+    except OSError:
+        return None
+
+
+def _hold(fd: int, path) -> None:
+    """Lock ``fd`` and record who holds it ('<host> <pid>'); IgptError naming the holder if another process does."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
+        who = f" (pid {holder[1]} on {holder[0]})" if len(holder) == 2 else ""
+        raise IgptError(f"{path}: another igpt process{who} is writing this output; wait for it to end or "
+                        "choose another --out") from None
+    except OSError:  # no locks on this file system (ENOLCK, EOPNOTSUPP): unlocked, as where none can be made
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()} {os.getpid()}\n".encode(), 0)
 
 
 @functools.lru_cache(maxsize=1)

@@ -30,7 +30,7 @@ import numpy as np
 
 from igpt.errors import IgptError
 from igpt.features import draw_per_class
-from igpt.io import atomic_write_bytes, figure_png
+from igpt.io import atomic_write_bytes, figure_png, output_lock
 from igpt.logreg import ConvergenceWarning, Standardizer, best_index, fit_batch
 
 PROBE_FILE, PLOT_FILE = "probe.json", "probe.png"
@@ -208,6 +208,11 @@ def unconverged(caught: list, max_iter: int) -> dict | None:
 
 def run_probe(cfg: ProbeConfig) -> dict:
     """Run the whole protocol for a checkpoint and shards; write OUT/probe.json and OUT/probe.png."""
+    with output_lock(cfg.out):  # its feature cache and outputs
+        return _run_probe(cfg)
+
+
+def _run_probe(cfg: ProbeConfig) -> dict:
     from igpt.checkpoint import load_model
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import check_compatible

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from igpt import __version__
 from igpt import distributed as D
 from igpt.errors import IgptError
-from igpt.io import atomic_write_bytes, check_replaceable, read_json, remove_stale_temporaries
+from igpt.io import atomic_write_bytes, check_replaceable, output_lock, read_json, remove_stale_temporaries
 from igpt.loader import BatchStream
 from igpt.model import ImageGPT, ImageGPTConfig, ar_inputs, ar_loss, bert_loss, scored_images
 from igpt.presets import get_preset
@@ -139,6 +139,11 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training. Returns {'losses': {step: loss}, 'val': {step: val_loss}, 'model': the
     unwrapped model, 'checkpoint': last checkpoint path or None}. Under torchrun, an error leaves the process
     group up: end the failed rank with ``igpt.distributed.exit_failed_rank`` (as the ``igpt`` command does)."""
+    with output_lock(cfg.out):  # rank 0's: a second run into --out stops at once
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict:
     info = D.get_dist_info()
     micro, accum = cfg.layout(info.world_size)  # before anything else
     shards = load_shards(cfg.data)  # reads meta.json and the arrays' headers, not the data
