@@ -25,6 +25,18 @@ def commands() -> list[str]:
     return list(sub.choices)
 
 
+def required_args(name: str) -> list[str]:
+    """A placeholder value for each argument the command's parser requires (positionals and required flags)."""
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[name]
+    out = []
+    for a in sub._actions:
+        if a.option_strings and a.required:
+            out += [a.option_strings[0], "x"]
+        elif not a.option_strings and a.nargs != 0:
+            out.append("x")
+    return out
+
+
 def test_help_lists_every_command():
     r = run("--help")
     assert r.returncode == 0
@@ -55,6 +67,20 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("igpt: error: ") and message in lines[0]
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", sorted(set(commands()) - {"train", "eval"}))
+def test_single_process_commands_refuse_to_run_under_torchrun(name, tmp_path, monkeypatch, capsys):
+    """Every rank of `torchrun -m igpt probe` ran the whole probe into the same files (the feature cache's
+    temporaries included); the commands that do not share their work over ranks now stop at once."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main([name, *required_args(name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"igpt: error: `igpt {name}` runs in one process; launch it without torchrun (only `igpt train` "
+                   "and `igpt eval` use several ranks)"]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_prepare_command_end_to_end(tmp_path):

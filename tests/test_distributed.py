@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from igpt_testutil import tiny_model
 from igpt_testutil import torchrun as run_torchrun
 from safetensors.torch import load_file
 
+from igpt.checkpoint import save_model
+from igpt.evaluate import EvalConfig, evaluate
+from igpt.shards import load_shards
 from igpt.train import train
 from igpt.train_config import TrainConfig
 
@@ -93,3 +97,21 @@ def test_time_limit_stops_every_rank_at_the_same_step(shards, tmp_path):
     ranks = torchrun(config(shards, out, time_limit=1e-9), tmp_path / "res")
     assert [sorted(losses) for losses, _ in ranks] == [[1], [1]]
     assert [p.name for p in (out / "checkpoints").glob("step-*")] == ["step-000001"]
+
+
+@pytest.mark.parametrize("mode", ["ar", "bert"])
+def test_eval_under_torchrun_shares_the_batches_and_gives_one_process_numbers(shards, tmp_path, mode):
+    """`torchrun -m igpt eval` on 2 ranks (batches of 3: 2,000 test images make 667 batches, 334 and 333 per rank): the
+    same nats per token as one process, one JSON on stdout (rank 0 prints and writes)."""
+    sh = load_shards(shards)
+    model = tiny_model(n_px=sh.n_px, palette_size=sh.palette.k, mode=mode)
+    ck = save_model(tmp_path / "ck", model, sh.palette)
+    one = evaluate(EvalConfig(str(ck), str(shards), out=str(tmp_path / "one.json"), batch_size=3))
+    r = run_torchrun("-m", "igpt", "eval", "--checkpoint", str(ck), "--data", str(shards), "--batch-size", "3",
+                     "--out", str(tmp_path / "two.json"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two = json.loads(r.stdout)  # exactly one JSON object: a second rank's print would make this fail
+    assert two["ranks"] == 2 and "ranks" not in one
+    assert two["nats_per_token"] == pytest.approx(one["nats_per_token"], rel=1e-12)
+    assert (two["images_scored"], two["tokens_scored"]) == (one["images_scored"], one["tokens_scored"])
+    assert json.loads((tmp_path / "two.json").read_text())["nats_per_token"] == two["nats_per_token"]

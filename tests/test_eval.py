@@ -121,3 +121,22 @@ def test_mismatched_model_and_shards_are_user_errors(tmp_path):
 
 def test_nats_to_bits():
     assert nats_to_bits(math.log(2)) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_of_a_process_group_scores_every_world_size_th_batch(monkeypatch, rank):
+    """Under a process group of 2 (its collective replaced by a no-op, so each rank's own sums come back) rank r
+    scores batches r, r + 2, ...: its images are those batches' and its mean is theirs."""
+    import torch.distributed as dist
+
+    model = tiny_model(n_px=4, palette_size=6)
+    tokens = np.random.default_rng(0).integers(0, 6, size=(11, 16)).astype(np.uint16)  # batches of 3: 0-2 .. 9-10
+    mine = np.concatenate([tokens[i:i + 3] for i in range(3 * rank, 11, 6)])
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: None)
+    nats, images, _ = score(model, tokens, batch_size=3)
+    monkeypatch.undo()
+    assert images == len(mine) == (6 if rank == 0 else 5)
+    assert nats == pytest.approx(nll(model, mine, batch_size=3), rel=1e-12)

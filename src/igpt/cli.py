@@ -15,6 +15,7 @@ import threading
 from igpt import __version__
 from igpt.errors import IgptError
 
+DISTRIBUTED = ("train", "eval")  # the commands that share their work over torchrun's ranks; the others refuse
 MODEL_FLAGS = ("n_layer", "n_embd", "n_head", "n_px", "palette_size")  # `igpt train` flags over the preset
 CONFIG_HELP = ("settings from a .json or .toml file ({fields} field names, or the JSON a run of this command "
                "wrote); flags given here override them, the config's defaults fill the rest")
@@ -160,8 +161,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = _settings(args, EvalConfig, "config", "eval", required=("checkpoint", "data"))
     res = evaluate(cfg)
-    print(json.dumps(res, indent=2))  # the interface: JSON on stdout (as in the file, plus "out")
-    print(f"{res['split']}: {res['nats_per_token']:.5f} nats/token = {res['bits_per_token']:.5f} bits/token over "
+    from igpt.distributed import print0  # under torchrun: rank 0 prints (every rank has the result)
+
+    print0(json.dumps(res, indent=2))  # the interface: JSON on stdout (as in the file, plus "out")
+    print0(f"{res['split']}: {res['nats_per_token']:.5f} nats/token = {res['bits_per_token']:.5f} bits/token over "
           f"{res['tokens_scored']} tokens of {res['images_scored']} images ({res['tokens']}); wrote {res['out']}",
           file=sys.stderr)
     return 0
@@ -372,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("eval", help="test-set negative log-likelihood in nats and bits per token",
                        description="Score a checkpoint on token shards: AR models on every pixel (the first "
                                    "from SOS), BERT models on the pixels of a fixed seeded mask. Prints and "
-                                   "writes JSON with nats_per_token and bits_per_token.")
+                                   "writes JSON with nats_per_token and bits_per_token. Under torchrun the ranks "
+                                   "share the batches.")
     v.add_argument("--config", help=CONFIG_HELP.format(fields="EvalConfig"))
     _model_and_shards(v, "igpt checkpoint directory", "token shards from `igpt prepare`", required=False)
     v.add_argument("--split", help="split to score (default test)")
@@ -477,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and args.command not in DISTRIBUTED:
+            raise IgptError(f"`igpt {args.command}` runs in one process; launch it without torchrun (only "
+                            f"{' and '.join(f'`igpt {c}`' for c in DISTRIBUTED)} use several ranks)")
         return args.func(args)
     except Terminated:
         sys.stderr.write("igpt: terminated (SIGTERM)\n")

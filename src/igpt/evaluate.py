@@ -4,7 +4,8 @@ AR models score every pixel, the first one from the SOS position (input [SOS, x0
 the mean over all pixels of all images. BERT models score masked pixels only, under a fixed seeded mask (each
 position masked independently with probability ``bert_mask_prob``): per image the mean over its masked pixels,
 then the mean over the images that have one (an image without a masked pixel has nothing to score; the same
-reduction as training's loss and validation loss).
+reduction as training's loss and validation loss). Under torchrun the ranks share the batches and rank 0 writes
+the JSON (the same numbers as one process, up to the order of a float64 sum).
 """
 
 from __future__ import annotations
@@ -75,7 +76,12 @@ def nll(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int 
 @torch.no_grad()
 def score(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int = 0,
           device="cpu") -> tuple[float, int, int]:
-    """``nll``'s mean, the images it averages over and the tokens it scored (BERT: those masked)."""
+    """``nll``'s mean, the images it averages over and the tokens it scored (BERT: those masked).
+
+    Under a process group (torchrun; every rank calls this with the same arguments) rank r scores batches r,
+    r + world_size, ... and the sums are added over the ranks: each returns the whole split's result."""
+    import torch.distributed as dist
+
     from igpt.model import scored_images
     from igpt.train import micro_loss
 
@@ -83,17 +89,22 @@ def score(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: in
     n = len(tokens)
     if n == 0:
         raise IgptError("no images to evaluate")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     g = torch.Generator().manual_seed(seed)
     masks = torch.rand(n, tokens.shape[1], generator=g) < mask_prob if cfg.mode == "bert" else None
     total, images = 0.0, 0
     scored = n * tokens.shape[1] if masks is None else int(masks.sum())
-    for i in range(0, n, batch_size):
+    for i in range(rank * batch_size, n, world * batch_size):
         j = min(i + batch_size, n)
         px = torch.from_numpy(check_ids(tokens[i:j].astype("int64"), cfg.palette_size)).to(device)
         m = None if masks is None else masks[i:j].to(device)
         w = scored_images(px, m)  # AR: every image (each has T tokens); BERT: the images with a masked pixel
         total += micro_loss(model, px, m, cfg).double().item() * w
         images += w
+    if world > 1:
+        sums = torch.tensor([total, images], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        total, images = sums[0].item(), int(sums[1].item())
     if images == 0:
         raise IgptError(f"no image got a masked pixel at mask probability {mask_prob}: nothing to score")
     return total / images, images, scored
@@ -102,16 +113,18 @@ def score(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: in
 def evaluate(cfg: EvalConfig) -> dict:
     """Score ``cfg.split`` of the shards; write and return {'nats_per_token', 'bits_per_token', ...}."""
     from igpt.checkpoint import load_model
-    from igpt.distributed import get_dist_info, pick_device
+    from igpt.distributed import cleanup, get_dist_info, init_distributed, pick_device
     from igpt.shards import load_shards
 
     shards = load_shards(cfg.data)
     tokens = shards.tokens(cfg.split)
     if cfg.max_images:
         tokens = tokens[: cfg.max_images]
-    device = pick_device(cfg.device, get_dist_info())
+    info = get_dist_info()
+    device = pick_device(cfg.device, info)
     model, palette = load_model(cfg.checkpoint, device)
     check_compatible(model.config, shards, palette)
+    started = init_distributed(device)  # under torchrun the ranks share the batches (``score``)
     nats, images, scored = score(model, tokens, cfg.batch_size, cfg.bert_mask_prob, cfg.seed, device)
     if not math.isfinite(nats):  # finite weights give finite logits: this model is damaged or diverged
         raise IgptError(f"{cfg.checkpoint}: the negative log-likelihood is {nats} (NaN or inf logits): damaged "
@@ -128,7 +141,11 @@ def evaluate(cfg: EvalConfig) -> dict:
         "palette_size": model.config.palette_size, "checkpoint": str(cfg.checkpoint), "data": str(cfg.data),
         "config": asdict(cfg),
     }
+    if info.world_size > 1:
+        res["ranks"] = info.world_size
     out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / EVAL_FILE
-    atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
+    if info.is_main:
+        atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
+    cleanup(started)
     res["out"] = str(out)
     return res
