@@ -126,7 +126,7 @@ def test_nats_to_bits():
 @pytest.mark.parametrize("rank", [0, 1])
 def test_each_rank_of_a_process_group_scores_every_world_size_th_batch(monkeypatch, rank):
     """Under a process group of 2 (its collective replaced by a no-op, so each rank's own sums come back) rank r
-    scores batches r, r + 2, ...: its images are those batches' and its mean is theirs."""
+    of a shared score takes batches r, r + 2, ...: its images are those batches' and its mean is theirs."""
     import torch.distributed as dist
 
     model = tiny_model(n_px=4, palette_size=6)
@@ -136,7 +136,8 @@ def test_each_rank_of_a_process_group_scores_every_world_size_th_batch(monkeypat
     monkeypatch.setattr(dist, "get_rank", lambda: rank)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: None)
-    nats, images, _ = score(model, tokens, batch_size=3)
+    assert score(model, tokens, batch_size=3)[1] == 11  # not shared unless asked: every batch, no collective
+    nats, images, _ = score(model, tokens, batch_size=3, shared=True)
     monkeypatch.undo()
     assert images == len(mine) == (6 if rank == 0 else 5)
     assert nats == pytest.approx(nll(model, mine, batch_size=3), rel=1e-12)

@@ -75,11 +75,12 @@ def nll(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int 
 
 @torch.no_grad()
 def score(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: int = 0,
-          device="cpu") -> tuple[float, int, int]:
+          device="cpu", shared: bool = False) -> tuple[float, int, int]:
     """``nll``'s mean, the images it averages over and the tokens it scored (BERT: those masked).
 
-    Under a process group (torchrun; every rank calls this with the same arguments) rank r scores batches r,
-    r + world_size, ... and the sums are added over the ranks: each returns the whole split's result."""
+    ``shared`` under a process group (torchrun): every rank calls this with the same arguments, rank r scores
+    batches r, r + world_size, ... and the sums are added over the ranks, so each returns the whole split's
+    result. Off by default: a caller that scores on rank 0 alone would wait forever in the collective."""
     import torch.distributed as dist
 
     from igpt.model import scored_images
@@ -89,7 +90,7 @@ def score(model, tokens, batch_size: int = 64, mask_prob: float = 0.15, seed: in
     n = len(tokens)
     if n == 0:
         raise IgptError("no images to evaluate")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shared and dist.is_initialized() else (0, 1)
     g = torch.Generator().manual_seed(seed)
     masks = torch.rand(n, tokens.shape[1], generator=g) < mask_prob if cfg.mode == "bert" else None
     total, images = 0.0, 0
@@ -125,7 +126,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     model, palette = load_model(cfg.checkpoint, device)
     check_compatible(model.config, shards, palette)
     started = init_distributed(device)  # under torchrun the ranks share the batches (``score``)
-    nats, images, scored = score(model, tokens, cfg.batch_size, cfg.bert_mask_prob, cfg.seed, device)
+    nats, images, scored = score(model, tokens, cfg.batch_size, cfg.bert_mask_prob, cfg.seed, device, shared=True)
     if not math.isfinite(nats):  # finite weights give finite logits: this model is damaged or diverged
         raise IgptError(f"{cfg.checkpoint}: the negative log-likelihood is {nats} (NaN or inf logits): damaged "
                         "weights or a diverged run")
