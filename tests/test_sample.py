@@ -254,3 +254,15 @@ def test_cuda_decoding_and_sampling(tmp_path):
     graphed = sample_to_grid(tmp_path / "ck", 3, tmp_path / "g2.png", seed=1, device="cuda", cuda_graph=True, top_k=1)
     assert np.array_equal(graphed, sample_to_grid(tmp_path / "ck", 3, tmp_path / "g3.png", seed=1, device="cuda",
                                                   top_k=1))
+
+
+def test_generate_refuses_a_negative_or_non_integer_count_or_a_non_positive_batch_size():
+    """A negative batch size made range() empty and returned the uninitialised output buffer as images (ids up to
+    1e14); 0 and a negative n were tracebacks."""
+    m = tiny_model(seed=1)
+    for kw, msg in ((dict(n=3, batch_size=-1), "batch_size must be a positive integer, got -1"),
+                    (dict(n=3, batch_size=0), "batch_size must be a positive integer, got 0"),
+                    (dict(n=-1), "the number of images must be an integer >= 0, got -1"),
+                    (dict(n=2.0), "the number of images must be an integer >= 0, got 2.0")):
+        with pytest.raises(IgptError, match=msg):
+            generate(m, seed=0, **kw)

@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-image", type=int, default=4, help="completions per source image (default 4)")
     s.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
     s.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
-    s.add_argument("--top-k", type=int, help="keep the k most likely colours (--top-k 1 is greedy)")
+    s.add_argument("--top-k", type=int, help="keep the k most likely colours and any tied with the k-th (--top-k 1 is "
+                   "greedy)")
     s.add_argument("--top-p", type=float, help="nucleus sampling: smallest set with probability >= p")
     s.add_argument("--tokens-out", help="also save the generated palette ids, (N, n_px^2), as .npy")
     s.add_argument("--device", help="torch device (default: CUDA when present, else CPU)")
@@ -445,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--lr", type=float, help="peak learning rate (default 3e-3)")
     m.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crop + horizontal flip during pretraining (default on)")
+    m.add_argument("--completions", type=int, help="test images completed from their top half (default 8)")
+    m.add_argument("--per-image", type=int, help="completions per test image (default 4)")
+    m.add_argument("--samples", type=int, help="unconditional samples (default 16)")
     m.add_argument("--seed", type=int, help="splits, palette, model and sampling seed (default 0)")
     m.add_argument("--device", help="torch device (default: CUDA when present, else CPU)")
     m.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -121,6 +121,9 @@ def sample_seed(seed: int) -> int:
     return (seed + 1) % (1 << 62)
 
 
+PATH_FLAGS = {"--data", "--out", "--data-dir", "--checkpoint", "--complete-from"}
+
+
 def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[str]:
     """The `igpt` command lines that reproduce this run: the demo itself, then its stages one by one (``done``:
     the steps trained, fewer than ``steps`` when the time limit stopped the loop; `igpt train --stop-at`
@@ -131,8 +134,11 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
     demo = ["igpt", "demo", "--data", cfg.data, "--out", str(out), "--minutes", f"{cfg.minutes:g}", "--steps",
             str(steps), *(["--stop-at", str(done)] if done < steps else []),  # where the time limit stopped it
             "--n-px", str(cfg.n_px), "--palette-size", str(prep.palette_size), "--preset", cfg.preset,
-            "--batch-size", str(cfg.batch_size), "--lr", f"{cfg.lr:g}", "--seed", str(cfg.seed)]
+            "--batch-size", str(cfg.batch_size), "--lr", repr(cfg.lr), "--seed", str(cfg.seed)]
     demo.append("--augment" if cfg.augment else "--no-augment")
+    for name in ("completions", "per_image", "samples"):  # spelt out when not the default (once --config only)
+        if getattr(cfg, name) != getattr(DemoConfig, name):
+            demo += ["--" + name.replace("_", "-"), str(getattr(cfg, name))]
     if cfg.data_dir:
         demo += ["--data-dir", cfg.data_dir]
     stages = [
@@ -140,7 +146,7 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
          "--test-fraction", f"{prep.test_fraction:g}", "--seed", str(cfg.seed), "--out", str(out / "shards")]
         + (["--data-dir", cfg.data_dir] if cfg.data_dir else []),
         ["igpt", "train", "--data", str(out / "shards"), "--preset", cfg.preset, "--steps", str(steps),
-         "--batch-size", str(tc.batch_size), "--lr", f"{tc.lr:g}", "--warmup", str(tc.warmup),
+         "--batch-size", str(tc.batch_size), "--lr", repr(tc.lr), "--warmup", str(tc.warmup),
          "--eval-every", str(tc.eval_every), "--eval-images", str(tc.eval_images), "--save-every",
          str(tc.save_every), "--log-every", str(tc.log_every), "--keep", str(tc.keep),
          "--seed", str(cfg.seed), "--out", str(out / "run")] + (["--augment"] if cfg.augment else [])
@@ -157,7 +163,19 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
     if cfg.device:
         demo += ["--device", cfg.device]
         stages = [c + ["--device", cfg.device] if c[1] in ("train", "eval", "probe", "sample") else c for c in stages]
-    return [" ".join(q(a) for a in c) for c in [demo, *stages]]
+
+    def join(c: list[str]) -> str:  # a path value that starts with '-' as --flag=VALUE (argparse reads it as a flag)
+        parts, i = [], 0
+        while i < len(c):
+            if c[i] in PATH_FLAGS and i + 1 < len(c) and c[i + 1].startswith("-"):
+                parts.append(q(f"{c[i]}={c[i + 1]}"))
+                i += 2
+            else:
+                parts.append(q(c[i]))
+                i += 1
+        return " ".join(parts)
+
+    return [join(c) for c in [demo, *stages]]
 
 
 def check_data(cfg: DemoConfig, labelled: bool, counts: dict[str, int]) -> None:

@@ -135,5 +135,5 @@ def write_report(out: Path, summary: dict, rows: list[dict], colours: np.ndarray
     images = {"loss": loss_png(rows, in_bits=True), "probe": (out / "probe" / "probe.png").read_bytes(),
               "completions": (out / "completions.png").read_bytes(), "samples": (out / "samples.png").read_bytes()}
     path = out / "report.html"
-    atomic_write_bytes(path, render(summary, colours, images).encode())
+    atomic_write_bytes(path, render(summary, colours, images).encode("utf-8", "backslashreplace"))
     return path

@@ -25,7 +25,8 @@ from igpt.settings import check_seed
 # -- choosing the next token ----------------------------------------------------------------------------------
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> torch.Tensor:
-    """logits (B, K) -> scaled logits with every token outside the top-k / nucleus set at -inf (in place)."""
+    """logits (B, K) -> scaled logits with every token outside the top-k / nucleus set at -inf (in place). A
+    logit tied with the k-th largest is kept (as transformers' top-k does), so a row can keep more than k."""
     if temperature != 1.0:  # the row maximum first to 0: a tiny temperature then gives -inf elsewhere, not inf - inf
         logits.sub_(logits.amax(-1, keepdim=True)).div_(temperature)
     if top_k is not None and top_k < logits.shape[-1]:
@@ -83,6 +84,10 @@ def generate(model: ImageGPT, n: int, *, prefix: torch.Tensor | None = None, tem
     """
     check_sampling(temperature, top_k, top_p)
     check_seed(seed, "sample")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise IgptError(f"the number of images must be an integer >= 0, got {n!r}")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise IgptError(f"batch_size must be a positive integer, got {batch_size!r}")
     cfg = model.config
     T, dev = cfg.seq_len, next(model.parameters()).device
     if cuda_graph and dev.type != "cuda":
