@@ -173,7 +173,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     from igpt.checkpoint import load_model, save_model
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import check_compatible
-    from igpt.io import check_replaceable
+    from igpt.io import check_replaceable, check_writable
     from igpt.shards import load_shards
 
     out = Path(cfg.out)
@@ -188,6 +188,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
                         f"unlabelled: {', '.join(missing)}")
     device = pick_device(cfg.device, get_dist_info())
     model, palette = load_model(cfg.checkpoint, device)
+    model = model.float()  # fp16 / bf16 / fp64 checkpoints load in their dtype: fine-tune (head, AdamW) in fp32
     mcfg = model.config
     check_compatible(mcfg, shards, palette)
     if cfg.mask_ensemble > 1 and mcfg.mode != "bert":
@@ -199,6 +200,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     if empty:
         raise IgptError(f"{cfg.data}: fine-tuning needs images in train, val and test; empty: {', '.join(empty)}")
     n_classes = class_count(y, shards.meta.get("class_names"), cfg.data)
+    check_writable(out / FINETUNE_FILE)  # before the training, not after it
     bert = mcfg.mode == "bert"
     masks = {s: eval_masks(len(tokens[s]), mcfg.seq_len, cfg.mask_ensemble, cfg.bert_mask_prob, cfg.seed, s)
              if bert else None for s in ("val", "test")}
@@ -213,7 +215,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     g = torch.Generator().manual_seed(cfg.seed)
     order, pos = rng.permutation(len(tokens["train"])), 0
     stopper = EarlyStopping(cfg.patience)
-    history, train_log, best_state = [], [], None
+    history, train_log, best_state, diverged = [], [], None, None
     step = 0
     for step in range(1, cfg.steps + 1):
         # a new permutation when the rest of this one cannot fill a batch (drop_last: no image twice within an
@@ -227,7 +229,11 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         m = bert_mask(tuple(px.shape), g, cfg.bert_mask_prob).to(device) if bert else None
         loss, parts = joint_loss(model, head, px, lab, m, cfg.lambda_gen)
         if not np.isfinite(parts["loss"]):
-            raise IgptError(f"non-finite loss ({parts['loss']}) at step {step}; try a lower --lr")
+            diverged = f"non-finite loss ({parts['loss']}) at step {step}; try a lower --lr"
+            if best_state is None:
+                raise IgptError(diverged)
+            step -= 1  # this step did not run: keep the best weights so far, score test, write, then fail
+            break
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -259,10 +265,13 @@ def _finetune(cfg: FinetuneConfig) -> dict:
                        f"(p = {cfg.bert_mask_prob}, seed {cfg.seed})"),
         "accuracy_unit": "fraction in [0, 1]", "mode": mcfg.mode, "n_classes": n_classes,
         "counts": {s: len(y[s]) for s in splits}, "checkpoint": str(cfg.checkpoint), "data": str(cfg.data),
-        "out_checkpoint": str(out / CHECKPOINT_DIR), "config": asdict(cfg),
+        "out_checkpoint": str(out / CHECKPOINT_DIR), "config": asdict(cfg), "diverged": diverged,
     }
     out.mkdir(parents=True, exist_ok=True)
+    (out / FINETUNE_FILE).unlink(missing_ok=True)  # never the old run's record beside the new weights
     save_model(out / CHECKPOINT_DIR, model, palette if palette is not None else shards.palette,
                heads={"score": head.weight})
     atomic_write_bytes(out / FINETUNE_FILE, (json.dumps(res, indent=2) + "\n").encode())
+    if diverged:
+        raise IgptError(f"{diverged}; kept the best weights (step {stopper.best_step}) in {out / CHECKPOINT_DIR}")
     return {**res, "model": model, "head": head}

@@ -179,6 +179,8 @@ def load_hf(hf_dir: str | Path):
     score = heads.get("score")
     if score is not None and (score.ndim != 2 or score.shape[1] != cfg.n_embd):
         raise IgptError(f"{hf_dir}: score.weight has shape {tuple(score.shape)}, expected (num_labels, {cfg.n_embd})")
+    if score is not None and not score.is_floating_point():
+        raise IgptError(f"{hf_dir}: score.weight is {score.dtype}, not floating point")
     palette = None
     pfile = hf_dir / "preprocessor_config.json"
     if pfile.is_file():

@@ -68,12 +68,18 @@ def check_ids(ids: np.ndarray, palette_size: int) -> np.ndarray:
     return ids
 
 
+MAX_CLASSES = 1 << 20  # a classifier head (K, d) beyond this is a damaged label file, not a data set
+
+
 def class_count(y: dict[str, np.ndarray], class_names: list | None, what: str) -> int:
     """The number of classes a probe or head is fitted for: the data's class names, else 1 + the largest
     label of train and val. Never from test: its labels would change the fit (an extra softmax row, and for two
     classes the penalty's scale) and so the choices made on val. A test label outside them is refused."""
     fitted = [int(y[s].max()) + 1 for s in ("train", "val") if len(y.get(s, ()))]
     k = max([len(class_names) if class_names else 0, *fitted])
+    if k > MAX_CLASSES:
+        raise IgptError(f"{what}: label {k - 1} in train/val: labels must be class indices 0 .. K-1 "
+                        f"(K at most {MAX_CLASSES:,})")
     test = y.get("test")
     if test is not None and len(test) and int(test.max()) >= k:
         raise IgptError(f"{what}: test label {int(test.max())} is outside the {k} classes of train and val")
