@@ -72,8 +72,9 @@ def cifar_images(d: dict, path: Path, label_key: str) -> tuple[np.ndarray, np.nd
         arr = np.asarray(labels)
     except (TypeError, ValueError):
         arr = np.asarray([], dtype=object)
-    if arr.shape != (len(data),) or (arr.dtype.kind not in "iu" and len(arr)) or (len(arr) and arr.min() < 0):
-        raise IgptError(f"{path}: '{label_key}' must hold integer labels >= 0")
+    if (arr.shape != (len(data),) or (arr.dtype.kind not in "iu" and len(arr))
+            or (len(arr) and (arr.min() < 0 or int(arr.max()) > np.iinfo(np.int64).max))):
+        raise IgptError(f"{path}: '{label_key}' must hold integer labels in 0 .. 2**63 - 1")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), arr.astype(np.int64)
 
 
@@ -102,7 +103,8 @@ def cifar_source(root: str | Path, name: str | None = None) -> Source:
         key = "labels" if "labels" in d else "fine_labels"
         return Source(name or str(root), 3, {"train": _batches_split([root], key)})
     if (root / "data_batch_1").is_file():
-        train = sorted(root.glob("data_batch_[0-9]*"), key=lambda p: int(p.name.rsplit("_", 1)[1]))
+        train = sorted((p for p in root.glob("data_batch_[0-9]*") if p.name[11:].isdigit()),
+                       key=lambda p: int(p.name[11:]))
         splits = {"train": _batches_split(train, "labels")}
         if (root / "test_batch").is_file():
             splits["test"] = _batches_split([root / "test_batch"], "labels")
@@ -117,5 +119,10 @@ def cifar_source(root: str | Path, name: str | None = None) -> Source:
     names = None
     if meta.is_file():
         raw = read_cifar_batch(meta).get(names_key)
-        names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw] if raw is not None else None
+        if raw is not None and not isinstance(raw, list | tuple | np.ndarray):
+            raise IgptError(f"{meta}: '{names_key}' must be a list of class names, got {type(raw).__name__}")
+        try:
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in raw] if raw is not None else None
+        except UnicodeDecodeError as e:
+            raise IgptError(f"{meta}: a class name in '{names_key}' is not UTF-8 ({e})") from None
     return Source(name or str(root), 3, splits, names)

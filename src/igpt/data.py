@@ -19,9 +19,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from igpt.errors import IgptError
-from igpt.images import IMAGE_EXTS, composite_on_white, convert_channels, decode_image, is_grey
+from igpt.images import FORMATS, IMAGE_EXTS, composite_on_white, convert_channels, decode_image, is_grey
 from igpt.io import NPY_ERRORS, check_npy_file
 
+CHUNK_BYTES = 1 << 25  # decoded full-size images held at once by a folder reader (besides chunk_size)
 _MAX_ELEMENTS = 1 << 34  # refuse headers that claim more than 16 GiB of pixels before allocating anything
 
 Chunk = tuple[list[np.ndarray] | np.ndarray, np.ndarray | None]  # (images (b, H, W, C) uint8, labels (b,))
@@ -148,7 +149,7 @@ def _image_files(d: Path) -> list[Path]:
 def _file_channels(path: Path) -> int:
     """Channels the decoding policy gives this file, from its header only (no pixel decoding)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=FORMATS) as im:
             return 1 if is_grey(im) else 3
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return 1  # a bad file does not decide the channel count; decoding it reports the problem
@@ -159,18 +160,20 @@ def _files_split(files: list[Path], labels: list[int] | None, channels: int, ski
 
     def read(chunk: int) -> Iterator[Chunk]:
         split.skipped.clear()
-        for s in range(0, len(files), chunk):
-            imgs, labs = [], []
-            for i in range(s, min(s + chunk, len(files))):
-                try:
-                    imgs.append(convert_channels(decode_image(files[i]), channels))
-                except IgptError:
-                    if not skip_bad:
-                        raise
-                    split.skipped.append(str(files[i]))
-                    continue
+        imgs, labs, held = [], [], 0
+        for i in range(len(files)):
+            try:
+                imgs.append(convert_channels(decode_image(files[i]), channels))
+            except IgptError:
+                if not skip_bad:
+                    raise
+                split.skipped.append(str(files[i]))
+            else:
                 labs.append(-1 if labels is None else labels[i])
-            yield imgs, None if labels is None else np.asarray(labs, dtype=np.int64)
+                held += imgs[-1].nbytes
+            if len(imgs) == chunk or held >= CHUNK_BYTES or i == len(files) - 1:  # full-size images: bound bytes too
+                yield imgs, None if labels is None else np.asarray(labs, dtype=np.int64)
+                imgs, labs, held = [], [], 0
 
     split.read = read
     return split

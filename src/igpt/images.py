@@ -31,6 +31,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from igpt.errors import IgptError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+# the decoders Image.open may use (it picks one by content, not by name): those of IMAGE_EXTS only; EPS, for one,
+# would hand the file's PostScript program to Ghostscript
+FORMATS = ("PNG", "JPEG", "BMP", "DIB", "GIF", "WEBP", "TIFF", "PPM")
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
@@ -98,7 +101,7 @@ def decode_image(path: str | Path) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(path, formats=FORMATS) as im:
                 raw = raw_mode(im)
                 im.load()
                 im = ImageOps.exif_transpose(im)

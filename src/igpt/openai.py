@@ -210,9 +210,12 @@ def openai_npy_files(spec: str) -> dict[str, tuple[Path, Path | None]]:
 
 
 def _load(f: Path) -> np.ndarray:
+    from igpt.io import NPY_ERRORS, check_npy_file
+
+    check_npy_file(f)  # the .npy magic (not a zip), a header that parses, sizes the file holds
     try:
         return np.load(f, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except NPY_ERRORS as e:
         raise IgptError(f"{f}: not a readable .npy array ({e})") from None
 
 
@@ -241,6 +244,7 @@ def prepare_openai_npy(cfg) -> dict:
     from igpt.io import atomic_dir
     from igpt.palette import Palette
     from igpt.prepare import OPENAI_NPY, TokenWriter, val_mask, write_meta
+    from igpt.shards import SPLITS
 
     spec = cfg.data.removeprefix(OPENAI_NPY)
     if cfg.palette == "fit":
@@ -263,9 +267,19 @@ def prepare_openai_npy(cfg) -> dict:
     cfg = replace(cfg, n_px=n_px)
     labels = {s: _labels(y, len(xs[s])) if y is not None else None for s, (_, y) in files.items()}
     routes = {s: (s, np.ones(len(x), dtype=bool)) for s, x in xs.items()}
+    n = len(xs["train"])
+    held_test = np.zeros(n, dtype=bool)
+    if "test" not in xs and cfg.test_fraction:  # as igpt.prepare does for every other source
+        held_test = val_mask(n, cfg.test_fraction, cfg.seed + 1)
+        if not held_test.any():
+            raise IgptError(f"--test-fraction {cfg.test_fraction:g} of {n} training images holds out none")
+        routes["test"] = ("train", held_test)
+    routes["train"] = ("train", ~held_test)
     if "val" not in xs:
-        is_val = val_mask(len(xs["train"]), cfg.val_fraction, cfg.seed)
-        routes["train"], routes["val"] = ("train", ~is_val), ("train", is_val)
+        is_val = np.zeros(n, dtype=bool)
+        is_val[np.flatnonzero(~held_test)] = val_mask(int((~held_test).sum()), cfg.val_fraction, cfg.seed)
+        routes["train"], routes["val"] = ("train", ~is_val & ~held_test), ("train", is_val)
+    routes = {k: routes[k] for k in SPLITS if k in routes}
     counts = {o: int(m.sum()) for o, (_, m) in routes.items()}
     with atomic_dir(cfg.out) as tmp:
         palette.save(tmp / "palette.npy")

@@ -306,7 +306,9 @@ class TFCheckpoint:
         """A partitioned variable from its pieces (each under its slice key, with its own checksum)."""
         code = DTYPES[e.dtype][1]
         dtype = np.float32 if np.dtype(code).kind in "fu" else code  # u2: bfloat16
-        on_disk = sum(p.stat().st_size for p in map(self.shard_path, range(self.num_shards)) if p.is_file())
+        pieces = (self._entries.get(slice_key(name, extents)) for extents in e.slices)
+        shards = {p.shard_id for p in pieces if p is not None and 0 <= p.shard_id < self.num_shards}
+        on_disk = sum(p.stat().st_size for p in map(self.shard_path, sorted(shards)) if p.is_file())
         if any(d < 0 for d in e.shape) or math.prod(e.shape) * np.dtype(code).itemsize > on_disk:
             raise IgptError(f"{self.index_path}: tensor {name!r}: shape {e.shape} does not fit the data files")
         out = np.zeros(e.shape, dtype=dtype)
