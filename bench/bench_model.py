@@ -6,8 +6,10 @@ Training: forward + backward + fused AdamW step, dropout 0 on both sides, same s
   bf16 = torch.autocast("cpu", torch.bfloat16) around forward and loss on both sides (fp32 master weights).
   Each run is a fresh subprocess (one implementation, one config): 1 warm-up step, then ``steps`` timed steps
   (median). Runs alternate A B, B A ... for ``repeats`` rounds; the case gives the median over rounds.
-  Memory: the subprocess's peak RSS (ru_maxrss) minus its RSS right after importing torch and transformers'
-  ImageGPT model code (both sides import both, so the baselines agree).
+  Memory: the subprocess's peak RSS (VmHWM) minus its RSS right after importing torch and transformers'
+  ImageGPT model code (both sides import both, so the baselines agree). Until the fifteenth session the peak was
+  ru_maxrss, which a process started by fork + exec inherits from its parent: both baselines were the parent's
+  peak (515 MB after the matmul case), which took the same excess off both sides and favoured the smaller one.
   MFU: model FLOPs per token (common.flops_per_token: 6 N + 12 L T d, N = non-embedding parameters with the
   output head) times tokens/s, over the matmul peak of the same dtype measured in the same run.
 Sampling: top-k 40 sampling, same weights on both sides; ours = igpt.sample.generate, the reference =
@@ -63,7 +65,7 @@ def train_worker(impl: str, name: str, steps: int, dtype: str) -> dict:
         model = wrap_model(model, torch.device("cpu"), compile=True)
     # both sides: the fused AdamW update, what `igpt train` and transformers' Trainer (torch >= 2.8) each use
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    x = torch.randint(0, PALETTE, (B, n_px * n_px))
+    x = torch.randint(0, PALETTE, (B, n_px * n_px), generator=torch.Generator().manual_seed(0))  # same on both sides
     inp = ar_inputs(x, PALETTE)
     bf16 = dtype == "bf16"
 

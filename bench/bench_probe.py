@@ -51,16 +51,17 @@ def probe_fit_case(quick: bool, n: int = 20000, d: int = 256, C: float = 0.1) ->
     """Seconds per fit, ours against sklearn (median, alternating); ratio = sklearn s / ours s."""
     from sklearn.linear_model import LogisticRegression
 
+    tol = LogisticRegression().tol  # the reference as it comes (1e-4); ours stops at the same max |gradient|
     n, d, repeats = (4000, 64, 1) if quick else (n, d, 3)
     X, y = features(n + n // 4, d, 10)
     s = Standardizer.fit(X[:n])
     Xtr, ytr, Xte, yte = s(X[:n]), y[:n], s(X[n:]), y[n:]
-    fit_logreg(Xtr[:500], ytr[:500], C, 10, device="cpu")  # warm-up, untimed: first-call costs on both sides
+    fit_logreg(Xtr[:500], ytr[:500], C, 10, device="cpu", tol=tol)  # warm-up, untimed: first-call costs on both sides
     LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr[:500], ytr[:500])
-    single = interleaved({"ours": lambda: fit_logreg(Xtr, ytr, C, 10, device="cpu"),
+    single = interleaved({"ours": lambda: fit_logreg(Xtr, ytr, C, 10, device="cpu", tol=tol),
                           "reference": lambda: LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr)},
                          repeats)
-    grid = interleaved({"ours": lambda: fit_batch(Xtr[None], ytr[None], [list(DEFAULT_CS)], 10, device="cpu"),
+    grid = interleaved({"ours": lambda: fit_batch(Xtr[None], ytr[None], [list(DEFAULT_CS)], 10, device="cpu", tol=tol),
                         "reference": lambda: [LogisticRegression(C=C, solver="lbfgs", max_iter=1000).fit(Xtr, ytr)
                                               for C in DEFAULT_CS]},
                        repeats)

@@ -55,7 +55,14 @@ class Contention:
 
 
 def rss_mb() -> float:
-    """Peak resident set of this process so far, MB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident set of this process so far, MB: VmHWM of /proc/self/status (KiB). Not ru_maxrss, which
+    after fork + exec starts at the parent's peak (Linux keeps the old image's high-water mark)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

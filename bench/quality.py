@@ -27,6 +27,7 @@ import contextlib
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "images_seen": res["step"] * args.batch_size, "compile": args.compile,
             "epochs": res["step"] * args.batch_size / shards.meta["counts"]["train"],
             "budget_minutes": None if args.steps else args.minutes, "measured_step_s": step_s,
-            "train_seconds": t_train, "tokens_per_s_median": tps[len(tps) // 2] if tps else None,
+            "train_seconds": t_train, "tokens_per_s_median": statistics.median(tps) if tps else None,
             "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "cpu": cpu_name(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "resumed": resumed,
