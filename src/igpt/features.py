@@ -60,13 +60,14 @@ def draw_per_class(labels: np.ndarray, k: int, seed: int, n_classes: int | None 
     ``labels``), drawn without replacement by a generator seeded with (seed, k). A class with fewer than k
     examples (none included) is an error."""
 
-    rng = np.random.default_rng([seed, k])
-    picks = []
+    labels = np.asarray(labels)
+    order = np.random.default_rng([seed, k]).permutation(len(labels))  # one order for every class: the draw
+    picks = []  # of a class does not depend on how the classes are numbered
     for c in np.unique(labels) if n_classes is None else range(n_classes):
-        where = np.flatnonzero(labels == c)
+        where = order[labels[order] == c]
         if len(where) < k:
             raise IgptError(f"low-data protocol: class {c} has {len(where)} training examples, fewer than {k}")
-        picks.append(rng.choice(where, size=k, replace=False))
+        picks.append(where[:k])
     return np.sort(np.concatenate(picks))
 
 
@@ -87,17 +88,21 @@ def cache_keys(checkpoint: str | Path, shards, splits) -> dict[str, dict]:
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes, read in 16 MiB chunks (~1-2 s per GB: small beside extracting features)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
+    try:  # a missing checkpoint or shard file: one line (the key is made before the model is read)
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    except OSError as e:
+        raise IgptError(f"{path}: unreadable ({e.strerror or e})") from None
     return h.hexdigest()
 
 
 def _read_cached(f: Path, rows: int) -> np.ndarray | None:
     """A cached feature array (rows, d) float32, or None when it is missing or damaged (it is then recomputed:
     a truncated file was a traceback)."""
-    try:
-        x = np.load(f, allow_pickle=False) if f.is_file() else None
+    try:  # read_array, not np.load: a zip (an .npz) under the name is not an array either
+        with open(f, "rb") as fh:
+            x = np.lib.format.read_array(fh, allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
     ok = x is not None and x.ndim == 2 and len(x) == rows and x.dtype == np.float32

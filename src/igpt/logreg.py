@@ -160,8 +160,8 @@ class _Problems:
         m = Z.amax(1, keepdim=True)
         E = (Z - m).exp_()
         s = E.sum(1, keepdim=True)
-        ce = (s.log() + m - Z.gather(1, self.y)).mean((1, 2))
-        return ce + T[..., :-1].pow(2).sum((1, 2)) * (0.5 * self.inv_cn), (E, s)
+        ce = (s.log() + m - Z.gather(1, self.y)).double().mean((1, 2))  # float64 sums: see SMALL_CN
+        return ce + T[..., :-1].double().pow(2).sum((1, 2)) * (0.5 * self.inv_cn.double()), (E, s)
 
     def grad(self, T: torch.Tensor, cache: tuple) -> torch.Tensor:
         """The gradient (Q, K, d + 1) at the point of ``trial``'s cache, in closed form."""

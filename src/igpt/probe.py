@@ -88,6 +88,13 @@ class ProbeConfig:
 
 # -- the protocol on arrays (pure: tests call these directly) --------------------------------------------------
 BATCH_ELEMENTS = 2**27  # logits per batched fit (problems x classes x examples): ~0.5 GB in float32
+FITS = [0]  # problems fitted since run_probe began (unconverged_fits' "fits": every fit, not only the warned)
+
+
+def _fit(*a, **kw):
+    fit = fit_batch(*a, **kw)
+    FITS[0] += fit.converged.size
+    return fit
 
 
 def _batches(keys: list, feats: dict, per_key: int, n: int, n_classes: int) -> list[list]:
@@ -108,7 +115,7 @@ def select(train: dict, ytr, val: dict, yva, Cs, n_classes: int, **kw) -> dict:
     for keys in _batches(list(train), train, pc, len(ytr), n_classes):
         std = [Standardizer.fit(train[k]) for k in keys]
         Xtr, Xva = (np.stack([s(f[k]) for s, k in zip(std, keys)]) for f in (train, val))
-        accs = np.concatenate([fit_batch(Xtr, np.tile(ytr, (len(keys), 1)), [list(Cs[i:i + pc])] * len(keys),
+        accs = np.concatenate([_fit(Xtr, np.tile(ytr, (len(keys), 1)), [list(Cs[i:i + pc])] * len(keys),
                                          n_classes, **kw).accuracy(Xva, np.asarray(yva)[None])
                                for i in range(0, len(Cs), pc)], axis=1)
         res.update({k: (float(row[j]), float(Cs[j])) for k, row in zip(keys, accs) for j in [best_index(row, Cs)]})
@@ -123,7 +130,7 @@ def refit(train: dict, ytr, val: dict, yva, test: dict, yte, Cs: dict, n_classes
     for keys in _batches(list(train), train, 1, len(ytv), n_classes):
         tv = [np.concatenate([train[k], val[k]]) for k in keys]
         std = [Standardizer.fit(x) for x in tv]
-        fit = fit_batch(np.stack([s(x) for s, x in zip(std, tv)]), np.tile(ytv, (len(keys), 1)),
+        fit = _fit(np.stack([s(x) for s, x in zip(std, tv)]), np.tile(ytv, (len(keys), 1)),
                         [[Cs[k]] for k in keys], n_classes, **kw)
         accs = fit.accuracy(np.stack([s(test[k]) for s, k in zip(std, keys)]), np.asarray(yte)[None])
         res.update({k: float(a[0]) for k, a in zip(keys, accs)})
@@ -165,7 +172,7 @@ def low_data(Xtr, ytr, Xva, yva, Xte, yte, ks, seeds: int, Cs, n_classes: int, *
         for a in range(0, seeds, sc):
             for c in range(0, len(Cs), pc):
                 part = idx[a:a + sc]
-                fit = fit_batch(np.stack([Ztr[i] for i in part]), np.stack([ytr[i] for i in part]),
+                fit = _fit(np.stack([Ztr[i] for i in part]), np.stack([ytr[i] for i in part]),
                                 [list(Cs[c:c + pc])] * len(part), n_classes, **kw)
                 val[a:a + sc, c:c + pc] = fit.accuracy(Zva[None], np.asarray(yva)[None])
                 test[a:a + sc, c:c + pc] = fit.accuracy(Zte[None], np.asarray(yte)[None])
@@ -187,7 +194,7 @@ def check_finite(feats: dict, checkpoint: str) -> None:
                                 "inf): damaged weights or a diverged run")
 
 
-def unconverged(caught: list, max_iter: int) -> dict | None:
+def unconverged(caught: list, max_iter: int, fits: int | None = None) -> dict | None:
     """The ConvergenceWarnings among ``caught`` (warnings.catch_warnings records) summed: {stopped, fits,
     max_iter, Cs, warning (the line for probe.json's warnings)}, None when there are none; the other warnings
     are issued again."""
@@ -200,7 +207,7 @@ def unconverged(caught: list, max_iter: int) -> dict | None:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not stopped:
         return None
-    Cs = sorted(Cs)
+    Cs, total = sorted(Cs), total if fits is None else fits
     return {"stopped": stopped, "fits": total, "max_iter": max_iter, "Cs": Cs,
             "warning": f"{stopped} of {total} logistic-regression fits stopped at --max-iter {max_iter} before "
                        f"converging (C = {', '.join(f'{c:g}' for c in Cs)}): raise --max-iter"}
@@ -227,10 +234,12 @@ def _run_probe(cfg: ProbeConfig) -> dict:
         raise IgptError(f"{cfg.data}: the probe needs labelled train, val and test splits; missing or "
                         f"unlabelled: {', '.join(missing)}")
     device = pick_device(cfg.device, get_dist_info())
+    cache = Path(cfg.out) / "features" if cfg.cache else None
+    splits = ("train", "val", "test")  # the weights hashed before they are read: a writer in between must not
+    keys = cache_keys(cfg.checkpoint, shards, splits) if cache is not None else dict.fromkeys(splits)  # key them
     model, palette = load_model(cfg.checkpoint, device)
     check_compatible(model.config, shards, palette)
     layers = cfg.layer_list(model.config.n_layer)
-    splits = ("train", "val", "test")
     y = {s: shards.labels(s).astype(np.int64) for s in splits}
     empty = [s for s in splits if len(y[s]) == 0]
     if empty:
@@ -240,14 +249,13 @@ def _run_probe(cfg: ProbeConfig) -> dict:
     if cfg.labels_per_class and max(cfg.labels_per_class) > counts.min():  # fail before any feature is computed
         raise IgptError(f"--labels-per-class {max(cfg.labels_per_class)}: class {int(counts.argmin())} has "
                         f"{int(counts.min())} training examples, fewer than {max(cfg.labels_per_class)}")
-    cache = Path(cfg.out) / "features" if cfg.cache else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-    keys = cache_keys(cfg.checkpoint, shards, splits) if cache is not None else dict.fromkeys(splits)
     feats = {s: cached_features(model, shards.tokens(s), layers, cfg.batch_size, device, cache, keys[s])
              for s in splits}
     check_finite(feats, cfg.checkpoint)
     kw = {"max_iter": cfg.max_iter, "device": device}
+    FITS[0] = 0
     with warnings.catch_warnings(record=True) as caught:  # ConvergenceWarnings: summed into res["warnings"]
         warnings.simplefilter("always", ConvergenceWarning)
         res = probe_protocol(feats["train"], y["train"], feats["val"], y["val"], feats["test"], y["test"], cfg.Cs,
@@ -296,7 +304,7 @@ def _run_probe(cfg: ProbeConfig) -> dict:
                                         f"{best} (chosen on val with all labels); mean and std over seeds")
     edge = [f"{what} chose C = {c:g}, the edge of the grid: widen --cs" for what, c in
             (("the probe", res["C"]), ("the baseline", res["baseline_C"])) if c in (min(cfg.Cs), max(cfg.Cs))]
-    stuck = unconverged(caught, cfg.max_iter)
+    stuck = unconverged(caught, cfg.max_iter, FITS[0])
     if stuck is not None:
         res["unconverged_fits"] = stuck
     res.update({
