@@ -266,3 +266,9 @@ def test_generate_refuses_a_negative_or_non_integer_count_or_a_non_positive_batc
                     (dict(n=2.0), "the number of images must be an integer >= 0, got 2.0")):
         with pytest.raises(IgptError, match=msg):
             generate(m, seed=0, **kw)
+
+
+def test_generate_takes_numpy_integers_for_its_counts():
+    m = tiny_model(seed=1)
+    out = generate(m, np.int64(3), seed=0, batch_size=np.int32(2), top_k=1)
+    assert out.shape == (3, m.config.seq_len)

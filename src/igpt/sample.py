@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 import os
 from pathlib import Path
 
@@ -84,9 +85,10 @@ def generate(model: ImageGPT, n: int, *, prefix: torch.Tensor | None = None, tem
     """
     check_sampling(temperature, top_k, top_p)
     check_seed(seed, "sample")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:  # numpy integers are Integral
         raise IgptError(f"the number of images must be an integer >= 0, got {n!r}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral)
+                                   or batch_size < 1):
         raise IgptError(f"batch_size must be a positive integer, got {batch_size!r}")
     cfg = model.config
     T, dev = cfg.seq_len, next(model.parameters()).device
