@@ -165,15 +165,13 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
         stages = [c + ["--device", cfg.device] if c[1] in ("train", "eval", "probe", "sample") else c for c in stages]
 
     def join(c: list[str]) -> str:  # a path value that starts with '-' as --flag=VALUE (argparse reads it as a flag)
-        parts, i = [], 0
-        while i < len(c):
-            if c[i] in PATH_FLAGS and i + 1 < len(c) and c[i + 1].startswith("-"):
-                parts.append(q(f"{c[i]}={c[i + 1]}"))
-                i += 2
+        args: list[str] = []
+        for a in c:
+            if args and args[-1] in PATH_FLAGS and a.startswith("-"):
+                args[-1] += "=" + a
             else:
-                parts.append(q(c[i]))
-                i += 1
-        return " ".join(parts)
+                args.append(a)
+        return " ".join(q(a) for a in args)
 
     return [join(c) for c in [demo, *stages]]
 

@@ -88,12 +88,14 @@ class ProbeConfig:
 
 # -- the protocol on arrays (pure: tests call these directly) --------------------------------------------------
 BATCH_ELEMENTS = 2**27  # logits per batched fit (problems x classes x examples): ~0.5 GB in float32
-FITS = [0]  # problems fitted since run_probe began (unconverged_fits' "fits": every fit, not only the warned)
 
 
-def _fit(*a, **kw):
+def _fit(*a, fits: list[int] | None = None, **kw):
+    """fit_batch, adding the number of problems it fitted to ``fits[0]`` when given (run_probe's count for
+    unconverged_fits: every fit, not only those of the batches that warned)."""
     fit = fit_batch(*a, **kw)
-    FITS[0] += fit.converged.size
+    if fits is not None:
+        fits[0] += fit.converged.size
     return fit
 
 
@@ -194,22 +196,22 @@ def check_finite(feats: dict, checkpoint: str) -> None:
                                 "inf): damaged weights or a diverged run")
 
 
-def unconverged(caught: list, max_iter: int, fits: int | None = None) -> dict | None:
-    """The ConvergenceWarnings among ``caught`` (warnings.catch_warnings records) summed: {stopped, fits,
-    max_iter, Cs, warning (the line for probe.json's warnings)}, None when there are none; the other warnings
-    are issued again."""
-    stopped, total, Cs = 0, 0, set()
+def unconverged(caught: list, max_iter: int, fits: int) -> dict | None:
+    """The ConvergenceWarnings among ``caught`` (warnings.catch_warnings records) summed over the ``fits``
+    problems fitted: {stopped, fits, max_iter, Cs, warning (the line for probe.json's warnings)}, None when there
+    are none; the other warnings are issued again."""
+    stopped, Cs = 0, set()
     for w in caught:
         if isinstance(w.message, ConvergenceWarning):
-            stopped, total = stopped + w.message.stopped, total + w.message.fits
+            stopped += w.message.stopped
             Cs.update(w.message.Cs)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not stopped:
         return None
-    Cs, total = sorted(Cs), total if fits is None else fits
-    return {"stopped": stopped, "fits": total, "max_iter": max_iter, "Cs": Cs,
-            "warning": f"{stopped} of {total} logistic-regression fits stopped at --max-iter {max_iter} before "
+    Cs = sorted(Cs)
+    return {"stopped": stopped, "fits": fits, "max_iter": max_iter, "Cs": Cs,
+            "warning": f"{stopped} of {fits} logistic-regression fits stopped at --max-iter {max_iter} before "
                        f"converging (C = {', '.join(f'{c:g}' for c in Cs)}): raise --max-iter"}
 
 
@@ -254,8 +256,8 @@ def _run_probe(cfg: ProbeConfig) -> dict:
     feats = {s: cached_features(model, shards.tokens(s), layers, cfg.batch_size, device, cache, keys[s])
              for s in splits}
     check_finite(feats, cfg.checkpoint)
-    kw = {"max_iter": cfg.max_iter, "device": device}
-    FITS[0] = 0
+    fits = [0]  # problems fitted, counted by _fit
+    kw = {"max_iter": cfg.max_iter, "device": device, "fits": fits}
     with warnings.catch_warnings(record=True) as caught:  # ConvergenceWarnings: summed into res["warnings"]
         warnings.simplefilter("always", ConvergenceWarning)
         res = probe_protocol(feats["train"], y["train"], feats["val"], y["val"], feats["test"], y["test"], cfg.Cs,
@@ -304,7 +306,7 @@ def _run_probe(cfg: ProbeConfig) -> dict:
                                         f"{best} (chosen on val with all labels); mean and std over seeds")
     edge = [f"{what} chose C = {c:g}, the edge of the grid: widen --cs" for what, c in
             (("the probe", res["C"]), ("the baseline", res["baseline_C"])) if c in (min(cfg.Cs), max(cfg.Cs))]
-    stuck = unconverged(caught, cfg.max_iter, FITS[0])
+    stuck = unconverged(caught, cfg.max_iter, fits[0])
     if stuck is not None:
         res["unconverged_fits"] = stuck
     res.update({
