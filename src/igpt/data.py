@@ -299,7 +299,10 @@ def array_source(path: str | Path, channels: int | None = None) -> Source:
     splits = {s: _array_split(arrays[xk], arrays.get(yk), ch, f"{path}[{xk}]") for s, xk, yk in layout if xk in arrays}
     names = arrays.get("class_names")
     if names is not None:
-        names = [str(n) for n in np.atleast_1d(names)]
+        try:  # a bytes array (np.bytes_, as h5py and Python 2 saved them) gave "b'cat'"
+            names = [n.decode() if isinstance(n, bytes) else str(n) for n in np.atleast_1d(names)]
+        except UnicodeDecodeError as e:
+            raise IgptError(f"{path}: a class name in class_names is not UTF-8 ({e})") from None
         top = max((int(y.max()) for _, _, yk in layout if yk in arrays and len(y := arrays[yk])), default=-1)
         if top >= len(names):
             raise IgptError(f"{path}: {len(names)} class_names for labels up to {top}")

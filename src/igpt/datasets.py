@@ -9,6 +9,7 @@ verified) when it is missing. ``$IGPT_DATASET_MIRROR`` replaces the canonical ba
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -282,7 +283,8 @@ def _open_path(p: Path, channels: int | None, skip_bad: bool) -> Source:
     if p.suffix.lower() in IMAGE_EXTS:
         raise IgptError(f"--data {p}: a single image; --data takes a folder of images (class subfolders optional)")
     if "idx" in p.name or "ubyte" in p.name:
-        labels = sorted(p.parent.glob(p.name.replace("images", "labels").replace("idx3", "idx1")))
+        # escaped: a name with glob characters ('set[1]-images...') matched no labels file, or another one
+        labels = sorted(p.parent.glob(glob.escape(p.name.replace("images", "labels").replace("idx3", "idx1"))))
         lab = labels[0] if labels and labels[0] != p else None
         return Source(str(p), 1, {"train": idx_split(p, lab)}, None)
     with open(p, "rb") as f:

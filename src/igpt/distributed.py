@@ -37,9 +37,23 @@ class DistInfo:
 def get_dist_info() -> DistInfo:
     """Rank layout from torchrun's environment (1 process when it is absent); no process group needed."""
     if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size())
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                    int(os.environ.get("WORLD_SIZE", 1)))
+        return DistInfo(dist.get_rank(), _env_int("LOCAL_RANK", 0), dist.get_world_size())
+    rank, local, world = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1)
+    if world < 1 or not 0 <= rank < world or local < 0:  # RANK=1 alone: a "rank 1 of 1" that wrote nothing
+        raise IgptError(f"RANK={rank}, LOCAL_RANK={local}, WORLD_SIZE={world} is not a rank of a job: torchrun sets "
+                        "them; unset them to run one process")
+    return DistInfo(rank, local, world)
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable as torchrun sets it; unset or empty: ``default``."""
+    raw = os.environ.get(name, "")
+    if raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise IgptError(f"environment variable {name}={raw!r} is not an integer (torchrun sets it)") from None
 
 
 def pick_device(requested: str | None, info: DistInfo, flag: str = "--device") -> torch.device:
@@ -73,6 +87,10 @@ def init_distributed(device: torch.device) -> bool:
     info = get_dist_info()
     if not info.distributed or dist.is_initialized():
         return False
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:  # WORLD_SIZE > 1 without torchrun: rendezvous raised a ValueError (a traceback)
+        raise IgptError(f"WORLD_SIZE={info.world_size} but {' and '.join(missing)} unset: launch several processes "
+                        "with torchrun, or unset WORLD_SIZE and RANK to run one")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     from torch.distributed.rendezvous import rendezvous

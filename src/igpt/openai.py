@@ -251,6 +251,8 @@ def prepare_openai_npy(cfg) -> dict:
         raise IgptError("--data openai-npy: the arrays are palette ids already: give their palette, "
                         "--palette kmeans_centers.npy")
     palette = Palette.load(cfg.palette)
+    if cfg.channels is not None:  # the ids' colours are the palette's: a --channels it contradicts was ignored
+        palette.check_channels(cfg.channels, f"--channels {cfg.channels}")
     files = openai_npy_files(spec)
     xs = {s: _load(x) for s, (x, _) in files.items()}
     t = None
@@ -281,6 +283,9 @@ def prepare_openai_npy(cfg) -> dict:
         routes["train"], routes["val"] = ("train", ~is_val & ~held_test), ("train", is_val)
     routes = {k: routes[k] for k in SPLITS if k in routes}
     counts = {o: int(m.sum()) for o, (_, m) in routes.items()}
+    if not counts["train"]:  # as igpt.prepare refuses for every other source (exit 0 and train-less shards)
+        raise IgptError(f"openai-npy:{spec}: no training images left after holding out val (--val-fraction "
+                        f"{cfg.val_fraction}) and test (--test-fraction {cfg.test_fraction}) from {n} image(s)")
     with atomic_dir(cfg.out) as tmp:
         palette.save(tmp / "palette.npy")
         for o, (s, mask) in routes.items():

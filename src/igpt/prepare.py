@@ -31,6 +31,7 @@ from igpt.palette import Palette
 from igpt.settings import check_seed
 from igpt.shards import FORMAT, FORMAT_VERSION, SPLITS
 
+MAX_PALETTE = 65534  # the largest palette igpt.palette.Palette takes (ids stay below its 0xFFFF marker)
 NATIVE_MAX_VALUES = 64 * 64 * 3  # native-resolution pixel files are kept up to this many values per image
 OPENAI_NPY = "openai-npy:"  # --data openai-npy:DIR: OpenAI's pre-quantized trX/vaX/teX arrays (igpt.openai)
 
@@ -64,8 +65,8 @@ class PrepareConfig:
                             f"test {self.test_fraction} + val {self.val_fraction}")
         if self.palette != "fit" and self.palette_size is not None:
             raise IgptError("--palette-size only applies to --palette fit; a palette file has its own size")
-        if self.palette_size is not None and self.palette_size < 2:
-            raise IgptError(f"palette_size must be at least 2, got {self.palette_size}")
+        if self.palette_size is not None and not 2 <= self.palette_size <= MAX_PALETTE:
+            raise IgptError(f"palette_size must be between 2 and {MAX_PALETTE} (uint16 ids), got {self.palette_size}")
         if self.channels not in (None, 1, 3):
             raise IgptError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels}")
         if self.chunk_size < 1 or self.fit_pixels < 1:
@@ -216,6 +217,11 @@ def fit_device(name: str | None) -> str:
     return name or device.type
 
 
+def fit_k(cfg: PrepareConfig, channels: int) -> int:
+    """The palette size of a fit: --palette-size, else 512 for RGB (the paper's 9-bit palette), 16 for grey."""
+    return cfg.palette_size or (512 if channels == 3 else 16)
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Build token shards as described in the module docstring; returns the meta.json content."""
     try:
@@ -239,6 +245,11 @@ def _prepare(cfg: PrepareConfig) -> dict:
         pal_file.check_channels(src.channels, f"the data ({src.name})")
     else:  # the fit's device checked (an absent CUDA was an AssertionError after decoding), and recorded
         cfg = replace(cfg, fit_device=fit_device(cfg.fit_device))  # resolved: `--config meta.json` fits there too
+        k = fit_k(cfg, src.channels)  # a size no data can give: refused before decoding and a long fit
+        if src.channels == 1 and k > 256:
+            raise IgptError(f"--palette-size {k}: grey data has at most 256 distinct levels")
+        if k > cfg.fit_pixels:
+            raise IgptError(f"--fit-pixels {cfg.fit_pixels} samples fewer pixels than the palette's {k} colours")
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
         native = Native(cfg, src.channels, tmp)
@@ -269,7 +280,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
                             f"{n_train} image(s)")
         fit_info = None
         if pal_file is None:
-            k = cfg.palette_size or (512 if src.channels == 3 else 16)
+            k = fit_k(cfg, src.channels)
             train_rows = np.flatnonzero(routes["train"][1])
             px = sample_pixels(decoded["train"][0], train_rows, cfg.fit_pixels, cfg.seed, cfg.chunk_size)
             fit = fit_palette(px, k, seed=cfg.seed, device=cfg.fit_device)

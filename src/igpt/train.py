@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from igpt.train_state import (
     list_checkpoints,
     load_newest,
     load_train_checkpoint,
+    prune,
     remove_leftovers,
     rng_state,
     save_train_checkpoint,
@@ -62,6 +64,29 @@ def resolve_model_config(cfg: TrainConfig, meta: dict) -> ImageGPTConfig:
         if want != have:
             raise IgptError(f"model {key} {want} contradicts the shards ({cfg.data}/meta.json: {key} {have})")
     return get_preset(cfg.preset, **ov, mode=cfg.objective, dropout=cfg.dropout)
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits_memory(mcfg: ImageGPTConfig, batch_per_rank: int) -> None:
+    """IgptError when the model's float32 weights (a lower bound on its parameters: 12 d^2 per layer plus the
+    embeddings and head) and one step's token ids (int64) alone exceed the machine's memory: a typo such as
+    --n-layer 1000000000000 built modules until the process was killed, and --n-embd 2^40 or --batch-size 10^30
+    ended in an allocation traceback. Both are built in host memory first, on any device."""
+    have = physical_memory()
+    d = mcfg.n_embd
+    params = 12 * mcfg.n_layer * d * d + d * (mcfg.vocab_size + mcfg.seq_len + mcfg.palette_size)
+    need = 4 * params + 8 * batch_per_rank * mcfg.seq_len
+    if have is not None and need > have:
+        raise IgptError(f"the model ({mcfg.n_layer} layers, {d} wide: at least {params:,} parameters) and a batch "
+                        f"of {batch_per_rank:,} images need at least {need / 2**30:,.1f} GiB, more than this "
+                        f"machine's {have / 2**30:,.1f} GiB of memory")
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -150,6 +175,7 @@ def _train(cfg: TrainConfig) -> dict:
     if "train" not in shards.splits or len(shards.tokens("train")) == 0:  # an IndexError in the loader
         raise IgptError(f"{cfg.data}: no training images (the train split is missing or empty)")
     mcfg = resolve_model_config(cfg, shards.meta)
+    check_fits_memory(mcfg, cfg.batch_size // info.world_size)  # before the model is built (a hang or a traceback)
     resume = find_resume(cfg)
     if resume is not None and cfg.resume != "auto" and not resume.is_dir():
         raise IgptError(f"--resume {resume}: no such checkpoint directory")
@@ -241,6 +267,8 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
         if bad:
             raise IgptError(f"{resume}: cannot resume with changed settings {bad} (saved: "
                             f"{ {k: state['meta']['train_config'].get(k) for k in bad} })")
+        if info.is_main:  # a save killed at its last step before it pruned has no later save to prune after it
+            prune(ckpt_root, cfg.keep, resume)  # (here, once the settings are known to resume: not on a refusal)
         set_state_dict(wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(full_state_dict=True))
         for group in opt.param_groups:  # the saved groups' `fused` is that of the run that saved them (fused on

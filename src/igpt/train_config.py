@@ -11,9 +11,10 @@ from igpt.settings import build, check_seed
 
 DTYPES = ("auto", "fp32", "bf16")
 # Settings a resumed run may change (bookkeeping, and how the same computation is laid out: micro_batch_size
-# only bounds memory, and must change when the rank count does): everything else must match the saved run.
+# only bounds memory, and must change when the rank count does; activation_checkpointing only bounds memory,
+# recomputing the same blocks with the same dropout masks): everything else must match the saved run.
 RESUMABLE_CHANGES = ("out", "resume", "stop_at", "time_limit", "log_every", "save_every", "eval_every", "keep",
-                     "progress", "compile", "device", "fsdp", "micro_batch_size")
+                     "progress", "compile", "device", "fsdp", "micro_batch_size", "activation_checkpointing")
 
 
 @dataclass

@@ -17,6 +17,7 @@ on any number of ranks.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -101,11 +102,17 @@ def save_train_checkpoint(ckpt_root: Path, model_state: dict, model_cfg, palette
         write_torch({"ranks": rngs}, tmp / RNG_FILE)
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     atomic_write_bytes(ckpt_root / LATEST, (path.name + "\n").encode())  # only after the directory is in place
-    for old in list_checkpoints(ckpt_root)[:-keep]:
-        if old != path:  # never the one just written (newer ones of another branch would otherwise outlive it)
-            _remove(old)
+    prune(ckpt_root, keep, path)
     remove_leftovers(ckpt_root)
     return path
+
+
+def prune(ckpt_root: Path, keep: int, spare: Path) -> None:
+    """Delete all but the newest ``keep`` checkpoints, never ``spare`` (the one just written, or resumed from:
+    newer ones of another branch would otherwise outlive it). Call on rank 0 only."""
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        if old != spare:
+            _remove(old)
 
 
 def remove_leftovers(ckpt_root: Path) -> None:
@@ -215,13 +222,43 @@ def load_train_checkpoint(path: Path, model_cfg) -> dict:
             and isinstance(meta, dict) and _meta_ok(meta)):
         raise IgptError(f"{path}: unreadable training checkpoint (optimizer.pt, rng.pt or train_state.json is "
                         "not what igpt writes)")
+    if not rng["ranks"]:  # resuming indexes it (an IndexError traceback)
+        raise IgptError(f"{path / RNG_FILE}: holds no RNG state")
     for i, st in enumerate(rng["ranks"]):
         check_rng_state(st, f"{path / RNG_FILE} (rank {i})")
-    try:  # Adam's moments must fit the parameters (a damaged file would otherwise fail at the first step)
-        for name, st in optim["state"].items():
-            for k in ("exp_avg", "exp_avg_sq"):
-                if k in st and tuple(st[k].shape) != tuple(state[name].shape):
-                    raise ValueError(f"{name}.{k} has shape {tuple(st[k].shape)}, the parameter {tuple(state[name].shape)}")
+    try:  # Adam's state must be whole and fit the parameters (a damaged file would otherwise fail at the first
+        _check_optimizer(optim, state)  # step, or, missing a moment or a step count, silently train another run)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise IgptError(f"{path / OPTIM_FILE}: does not fit the model ({type(e).__name__}: {e})") from None
     return {"model": state, "optim": optim, "rng": rng["ranks"], "meta": meta}
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_optimizer(optim: dict, params: dict) -> None:
+    """ValueError unless ``optim`` is the full AdamW state dict igpt saves for parameters ``params``: a state per
+    parameter (every parameter has a gradient at every step) with a finite step count and both moments as float
+    tensors of its shape, and parameter groups with numeric hyperparameters."""
+    states, groups = optim["state"], optim["param_groups"]
+    if not isinstance(states, dict) or not isinstance(groups, list) or not groups:
+        raise ValueError("state is not a table or param_groups not a non-empty list")
+    if set(states) != set(params):
+        raise ValueError(f"state for {sorted(set(states) ^ set(params))[:5]} does not match the parameters")
+    for name, st in states.items():
+        step = st["step"]
+        step = step.item() if isinstance(step, torch.Tensor) and step.numel() == 1 else step
+        if not _is_real(step) or step < 1:
+            raise ValueError(f"{name}.step is {step!r}, not a step count")
+        for k in ("exp_avg", "exp_avg_sq"):
+            t = st[k]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{name}.{k} is not a float tensor")
+            if tuple(t.shape) != tuple(params[name].shape):
+                raise ValueError(f"{name}.{k} has shape {tuple(t.shape)}, the parameter {tuple(params[name].shape)}")
+    for g in groups:
+        betas = g.get("betas", (0.9, 0.999))  # (a group is a table: g.get raises AttributeError otherwise)
+        if not (all(_is_real(g.get(k, 0.0)) for k in ("lr", "eps", "weight_decay"))
+                and isinstance(betas, list | tuple) and len(betas) == 2 and all(_is_real(b) for b in betas)):
+            raise ValueError("a parameter group's lr, betas, eps or weight_decay is not a number")
