@@ -84,6 +84,9 @@ class Decoder:
         """rms_norm(x) @ W + b for x (N, d). The per-row 1/rms commutes with the matmul, so it scales the output:
         (x @ w) / sqrt(x.x + d eps) + b, with w = sqrt(d) W (4 small kernels instead of rms_norm's ~8)."""
         r = sum_of_squares(x).add_(self.deps).rsqrt_().unsqueeze_(-1).to(x.dtype)  # (N, 1); fp32 sum for fp16
+        if x.dtype == torch.float16:  # x @ w is sqrt(d) * rms times the normalised product: it overflowed fp16
+            x = x * r  # once the residual's rms passed ~700 at d = 256 (the model's forward still fine); norm first
+            return torch.mm(x, w, out=out) if b is None else torch.addmm(b, x, w)
         if b is None:
             return torch.mm(x, w, out=out).mul_(r)
         return torch.addcmul(b, torch.mm(x, w), r)

@@ -41,6 +41,9 @@ from igpt.model import ImageGPT, ImageGPTConfig
 CONV1D = re.compile(r"^h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 MASK_BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")  # not attn.c_attn.bias / attn.c_proj.bias
 HEAD_KEYS = {"lm_head.weight": None, "score.weight": "score"}
+# transformers' ImageGPTConfig.attribute_map: a config.json may spell the sizes so, and transformers reads them
+ALIASES = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions", "num_attention_heads": "n_head",
+           "num_hidden_layers": "n_layer"}
 
 
 def hf_config_to_ours(hc: dict, source: str) -> ImageGPTConfig:
@@ -49,6 +52,12 @@ def hf_config_to_ours(hc: dict, source: str) -> ImageGPTConfig:
         raise IgptError(f"{source}: expected a JSON object, got {type(hc).__name__}")
     if hc.get("model_type") != "imagegpt":
         raise IgptError(f"{source}: model_type is {hc.get('model_type')!r}, not 'imagegpt'")
+    hc = dict(hc)
+    for alias, key in ALIASES.items():  # as transformers reads them (ignored, the defaults were used instead)
+        if alias in hc:
+            if key in hc and hc[key] != hc[alias]:
+                raise IgptError(f"{source}: {key}={hc[key]!r} contradicts {alias}={hc[alias]!r}")
+            hc[key] = hc.pop(alias)
     need = {"activation_function": "quick_gelu", "scale_attn_weights": True,
             "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False}
     bad = [f"{k}={hc[k]!r}" for k, v in need.items() if k in hc and hc[k] != v]
@@ -128,7 +137,8 @@ def _read_one(f: Path) -> dict[str, torch.Tensor]:
     state = read_pt(f)  # weights_only: tensors and plain containers only, never arbitrary pickled objects
     if not isinstance(state, dict):
         raise IgptError(f"{f}: holds a {type(state).__name__}, not a state dict")
-    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+           or v.layout != torch.strided]  # sparse tensors (weights_only loads them) are not weights either
     if bad:
         raise IgptError(f"{f}: not a state dict of named tensors (entries {', '.join(bad[:5])}"
                         f"{' ...' if len(bad) > 5 else ''})")
@@ -170,6 +180,11 @@ def load_hf(hf_dir: str | Path):
     cfg = hf_config_to_ours(hc, str(cfile))
     ours, heads = hf_state_to_ours(_read_hf_weights(hf_dir), str(hf_dir))
     has_head = "lm_head.weight" in ours
+    causal = has_head or "ImageGPTForCausalImageModeling" in (hc.get("architectures") or [])
+    if hc.get("tie_word_embeddings") is True and causal:  # the head is wte itself: (vocab_size, d), SOS included
+        raise IgptError(f"{cfile}: tie_word_embeddings is true: transformers' output head is then the token "
+                        f"embedding, with {cfg.vocab_size} outputs (SOS included), not an untied head of "
+                        f"{cfg.palette_size} as igpt's model has")
     if not has_head:  # base model or classifier: no generative head in the file
         ours["lm_head.weight"] = torch.zeros(cfg.palette_size, cfg.n_embd)  # (missing tensors: build_model says)
     ints = [f"{k} ({v.dtype})" for k, v in ours.items() if not v.is_floating_point()]
@@ -191,9 +206,7 @@ def load_hf(hf_dir: str | Path):
         if not isinstance(pc, dict):
             raise IgptError(f"{pfile}: expected a JSON object, got {type(pc).__name__}")
         if pc.get("clusters") is not None:
-            palette = Palette.load(pfile)
-            if pc.get("igpt_channels") == 1 and palette.channels == 3:  # our grey palette, exported as RGB
-                palette = Palette(palette.centers[:, :1])
+            palette = Palette.load(pfile)  # (our grey palette, exported as RGB greys, comes back grey)
             if palette.k != cfg.palette_size:
                 raise IgptError(f"{pfile}: {palette.k} clusters, but the model has {cfg.palette_size} colours")
     return model, palette, heads, has_head
@@ -211,6 +224,14 @@ def import_hf(hf_dir: str | Path, out_ckpt: str | Path) -> dict:
 CLASSIFIER_INPUT = ("the exported ImageGPTForImageClassification gives igpt's fine-tuned logits when fed [SOS, x0 .. "
                     "x_{T-2}] (igpt.model.ar_inputs(pixels, palette_size); SOS = palette_size), as igpt finetune "
                     "pools them; fed the image processor's raw ids it pools other features")
+
+
+def _is_our_export(d: dict) -> bool:
+    """Whether config.json object ``d`` is one export_hf wrote: model_type imagegpt and only the keys it writes.
+    (model_type alone also matched every save_pretrained / hub ImageGPT folder, which export-hf then deleted;
+    those hold transformers_version and the like.)"""
+    keys = set(our_config_to_hf(ImageGPTConfig())) | {"id2label", "label2id"}
+    return d.get("model_type") == "imagegpt" and set(d) <= keys
 
 
 def ours_to_hf_state(model: ImageGPT) -> dict[str, torch.Tensor]:
@@ -235,7 +256,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
     if not cfg.causal:
         raise IgptError(f"{ckpt}: a BERT-mode model cannot be exported: transformers' ImageGPT is causal only")
     out_dir = Path(out_dir)
-    check_replaceable(out_dir, {"config.json": ("model_type", "imagegpt")})  # not another kind of HF model
+    check_replaceable(out_dir, {"config.json": _is_our_export})  # not an HF model folder igpt did not write
     heads = load_heads(ckpt)
     state, hc = ours_to_hf_state(model), our_config_to_hf(cfg)
     score = heads.pop("score", None)
@@ -258,6 +279,7 @@ def export_hf(ckpt: str | Path, out_dir: str | Path) -> dict:
             if centers.shape[1] == 1:  # HF's processor quantizes RGB: a grey palette becomes grey colours
                 centers, pc["igpt_channels"] = np.repeat(centers, 3, axis=1), 1
             pc["clusters"] = centers.tolist()
+            pc["igpt_dtype"] = palette.centers.dtype.name  # JSON has float64 only; Palette.load restores it
             (tmp / "preprocessor_config.json").write_text(json.dumps(pc, indent=2) + "\n")
     return {"hf_dir": str(out_dir), "palette": None if palette is None else palette.k,
             "classifier": score is not None, "dropped_heads": sorted(heads),

@@ -107,9 +107,12 @@ class _NormLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, W, b, eps: float):
         rstd = torch.rsqrt(sum_of_squares(x).div_(x.shape[-1]).add_(eps)).unsqueeze_(-1).to(x.dtype)  # (N, 1)
-        m = torch.mm(x, (W * w).t())  # (N, out)
         ctx.save_for_backward(x, w, W, rstd)
         ctx.has_bias = b is not None
+        if x.dtype == torch.float16:  # x @ W' is rms times the normalised product: fp16 overflows it first
+            xs = x * rstd
+            return torch.mm(xs, (W * w).t()) if b is None else torch.addmm(b, xs, (W * w).t())
+        m = torch.mm(x, (W * w).t())  # (N, out)
         return m.mul_(rstd) if b is None else torch.addcmul(b, m, rstd)
 
     @staticmethod

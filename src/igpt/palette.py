@@ -252,18 +252,25 @@ class Palette:
             try:
                 if path.stat().st_size > 64 * _MAX_FILE:  # JSON spells a float in ~20 bytes
                     raise ValueError(f"{path.stat().st_size:,} bytes, too large for a palette")
-                clusters = json.loads(path.read_text()).get("clusters")
+                d = json.loads(path.read_text())
+                clusters, dtype, channels = d.get("clusters"), d.get("igpt_dtype"), d.get("igpt_channels")
             except (ValueError, UnicodeDecodeError, AttributeError, RecursionError) as e:
                 raise IgptError(f"{path}: not a readable JSON object ({e})") from None
             if clusters is None:
                 raise IgptError(f"{path}: no 'clusters' entry, so it holds no palette")
             try:
                 c = np.asarray(clusters, dtype=np.float64)
-                if np.array_equal(c.astype(np.float32).astype(np.float64), c):  # float32 numbers (ours exported,
+                if dtype in ("float16", "float32", "float64") and np.array_equal(c.astype(dtype).astype(np.float64), c):
+                    c = c.astype(dtype)  # export-hf's record of the palette's own dtype (JSON holds float64 only)
+                elif np.array_equal(c.astype(np.float32).astype(np.float64), c):  # float32 numbers (ours exported,
                     c = c.astype(np.float32)  # OpenAI's): the hash, and shards made with it, match the .npy's
-                return cls(c)
             except (TypeError, ValueError, OverflowError, RecursionError) as e:
                 raise IgptError(f"{path}: 'clusters' is not a (k, C) list of numbers ({e})") from None
+            if channels == 1 and c.ndim == 2 and c.shape[1] == 3:  # export-hf's grey palette, written as RGB greys
+                if not (c == c[:, :1]).all():
+                    raise IgptError(f"{path}: igpt_channels is 1 but the clusters are not grey (r = g = b)")
+                c = c[:, :1]
+            return cls(c)
         try:
             if path.stat().st_size > _MAX_FILE:
                 raise IgptError(f"{path}: {path.stat().st_size:,} bytes, too large for a palette")

@@ -29,7 +29,8 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     """logits (B, K) -> scaled logits with every token outside the top-k / nucleus set at -inf (in place). A
     logit tied with the k-th largest is kept (as transformers' top-k does), so a row can keep more than k."""
     if temperature != 1.0:  # the row maximum first to 0: a tiny temperature then gives -inf elsewhere, not inf - inf
-        logits.sub_(logits.amax(-1, keepdim=True)).div_(temperature)
+        fi = torch.finfo(logits.dtype)  # and within the logits' range: 1e-50 was 0 in float32 (0 / 0 = NaN)
+        logits.sub_(logits.amax(-1, keepdim=True)).div_(min(max(temperature, fi.tiny), fi.max))
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits.masked_fill_(logits < kth, float("-inf"))
