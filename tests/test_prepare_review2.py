@@ -84,21 +84,17 @@ def openai_dir(tmp_path, rng, n):
     return d
 
 
-def test_openai_npy_refuses_channels_that_contradict_its_palette(tmp_path, rng):
-    """--channels 3 with a grey palette wrote grey shards (meta.json: channels 1) whose recorded config says 3."""
-    cfg = PrepareConfig(out=str(tmp_path / "s"), data=f"openai-npy:{openai_dir(tmp_path, rng, 20)}",
-                        palette=str(grey_palette(tmp_path / "p.npy")), channels=3)
-    with pytest.raises(IgptError, match="channel"):
-        prepare(cfg)
-    assert not (tmp_path / "s").exists()
-
-
-def test_openai_npy_refuses_an_empty_train_split(tmp_path, rng):
-    """One image and --val-fraction 0.9: exit 0 and shards with 'train 0', which every other source refuses
-    (and `igpt train` then refuses)."""
-    cfg = PrepareConfig(out=str(tmp_path / "s"), data=f"openai-npy:{openai_dir(tmp_path, rng, 1)}",
-                        palette=str(grey_palette(tmp_path / "p.npy")), val_fraction=0.9)
-    with pytest.raises(IgptError, match="no training images"):
+@pytest.mark.parametrize("n, extra, match", [
+    # --channels 3 with a grey palette wrote grey shards (meta.json: channels 1) whose recorded config says 3
+    (20, {"channels": 3}, "channel"),
+    # one image and --val-fraction 0.9: exit 0 and shards with 'train 0', which every other source refuses
+    # (and `igpt train` then refuses)
+    (1, {"val_fraction": 0.9}, "no training images"),
+])
+def test_openai_npy_refuses_settings_that_contradict_its_data(tmp_path, rng, n, extra, match):
+    cfg = PrepareConfig(out=str(tmp_path / "s"), data=f"openai-npy:{openai_dir(tmp_path, rng, n)}",
+                        palette=str(grey_palette(tmp_path / "p.npy")), **extra)
+    with pytest.raises(IgptError, match=match):
         prepare(cfg)
     assert not (tmp_path / "s").exists()
 
