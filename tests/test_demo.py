@@ -201,7 +201,7 @@ def test_commands_of_a_run_stopped_by_the_time_limit_reproduce_it():
     assert "--stop-at" not in " ".join(full) and "step-000500" in full[3]
     assert cut[2].endswith("--stop-at 321") and "--steps 500" in cut[2]  # the same schedule, stopped where it was
     assert all("step-000321" in c for c in cut[3:]) and "--steps 500 --stop-at 321" in cut[0]
-    assert "--stop-at" not in full[0] and cut[-1].endswith("--out runs/demo/samples.png")  # samples.png too
+    assert "--stop-at" not in full[0] and cut[-1].endswith("--out runs/demo/stages/samples.png")  # samples.png too
 
 
 def test_the_demo_command_of_a_stopped_run_stops_where_it_did(monkeypatch, tmp_path):
@@ -265,7 +265,7 @@ def test_the_train_command_trains_with_the_demos_settings(monkeypatch):
     seen = {}
     monkeypatch.setattr(igpt.train, "train", lambda c: seen.setdefault("cfg", c) and {"losses": {}, "step": 0})
     assert main(shlex.split(line)[1:]) == 0
-    want = _train_config(cfg, out / "shards", out / "run", 9399, None).to_dict()
+    want = _train_config(cfg, out / "stages" / "shards", out / "stages" / "run", 9399, None).to_dict()
     got = seen["cfg"].to_dict()
     assert {k: v for k, v in got.items() if k != "progress"} == {k: v for k, v in want.items() if k != "progress"}
 

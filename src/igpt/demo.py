@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import shlex
 import shutil
@@ -40,6 +41,7 @@ STAGES = 6
 PROBE_MAX_ITER = 300
 # the probe also fits layers best-2 .. best+2 concatenated (the paper's trick; reported beside the best layer)
 PROBE_CONCAT = 2
+MAX_MINUTES = 1e7  # ~19 years: far past any budget, and its seconds stay finite through the plan's arithmetic
 
 
 def is_demo_record(d: dict) -> bool:
@@ -75,8 +77,8 @@ class DemoConfig:
         """Everything checkable without the data, so a bad setting never costs an old demo or minutes of work."""
         from igpt.presets import PRESETS
 
-        if not (self.minutes > 0 and math.isfinite(self.minutes)):
-            raise IgptError(f"demo: --minutes must be a finite number > 0, got {self.minutes}")
+        if not (0 < self.minutes <= MAX_MINUTES):  # minutes * 60 overflowed to inf past ~3e306: a NaN plan
+            raise IgptError(f"demo: --minutes must be a number > 0 and at most {MAX_MINUTES:g}, got {self.minutes}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise IgptError(f"demo: --lr must be a finite number > 0, got {self.lr}")
         if isinstance(self.n_px, bool) or not isinstance(self.n_px, int) or not 2 <= self.n_px <= 1024:
@@ -125,12 +127,14 @@ PATH_FLAGS = {"--data", "--out", "--data-dir", "--checkpoint", "--complete-from"
 
 
 def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[str]:
-    """The `igpt` command lines that reproduce this run: the demo itself, then its stages one by one (``done``:
-    the steps trained, fewer than ``steps`` when the time limit stopped the loop; `igpt train --stop-at`
-    reproduces that)."""
+    """The `igpt` command lines that reproduce this run: the demo itself, then its stages one by one, into
+    OUT/stages (``done``: the steps trained, fewer than ``steps`` when the time limit stopped the loop; `igpt
+    train --stop-at` reproduces that)."""
     q = shlex.quote
-    ckpt = str(out / "run" / "checkpoints" / f"step-{done:06d}")  # what `igpt train` writes
-    tc = _train_config(cfg, out / "shards", out / "run", steps, None)  # the settings the demo trained with
+    # the stages write under OUT/stages: into the demo's own folders `igpt train` refused (a run is there)
+    st = out / "stages"
+    ckpt = str(st / "run" / "checkpoints" / f"step-{done:06d}")  # what `igpt train` writes
+    tc = _train_config(cfg, st / "shards", st / "run", steps, None)  # the settings the demo trained with
     demo = ["igpt", "demo", "--data", cfg.data, "--out", str(out), "--minutes", f"{cfg.minutes:g}", "--steps",
             str(steps), *(["--stop-at", str(done)] if done < steps else []),  # where the time limit stopped it
             "--n-px", str(cfg.n_px), "--palette-size", str(prep.palette_size), "--preset", cfg.preset,
@@ -143,22 +147,22 @@ def commands(cfg: DemoConfig, out: Path, prep, steps: int, done: int) -> list[st
         demo += ["--data-dir", cfg.data_dir]
     stages = [
         ["igpt", "prepare", "--data", cfg.data, "--n-px", str(prep.n_px), "--palette-size", str(prep.palette_size),
-         "--test-fraction", f"{prep.test_fraction:g}", "--seed", str(cfg.seed), "--out", str(out / "shards")]
+         "--test-fraction", f"{prep.test_fraction:g}", "--seed", str(cfg.seed), "--out", str(st / "shards")]
         + (["--data-dir", cfg.data_dir] if cfg.data_dir else []),
-        ["igpt", "train", "--data", str(out / "shards"), "--preset", cfg.preset, "--steps", str(steps),
+        ["igpt", "train", "--data", str(st / "shards"), "--preset", cfg.preset, "--steps", str(steps),
          "--batch-size", str(tc.batch_size), "--lr", repr(tc.lr), "--warmup", str(tc.warmup),
          "--eval-every", str(tc.eval_every), "--eval-images", str(tc.eval_images), "--save-every",
          str(tc.save_every), "--log-every", str(tc.log_every), "--keep", str(tc.keep),
-         "--seed", str(cfg.seed), "--out", str(out / "run")] + (["--augment"] if cfg.augment else [])
+         "--seed", str(cfg.seed), "--out", str(st / "run")] + (["--augment"] if cfg.augment else [])
         + (["--stop-at", str(done)] if done < steps else []),
-        ["igpt", "eval", "--checkpoint", ckpt, "--data", str(out / "shards")],
-        ["igpt", "probe", "--checkpoint", ckpt, "--data", str(out / "shards"), "--max-iter",
-         str(PROBE_MAX_ITER), "--concat", str(PROBE_CONCAT), "--out", str(out / "probe")],
-        ["igpt", "sample", "--checkpoint", ckpt, "--complete-from", str(out / "shards"), "--n",
+        ["igpt", "eval", "--checkpoint", ckpt, "--data", str(st / "shards")],
+        ["igpt", "probe", "--checkpoint", ckpt, "--data", str(st / "shards"), "--max-iter",
+         str(PROBE_MAX_ITER), "--concat", str(PROBE_CONCAT), "--out", str(st / "probe")],
+        ["igpt", "sample", "--checkpoint", ckpt, "--complete-from", str(st / "shards"), "--n",
          str(cfg.completions * cfg.per_image), "--per-image", str(cfg.per_image), "--seed", str(cfg.seed),
-         "--out", str(out / "completions.png")],
+         "--out", str(st / "completions.png")],
         ["igpt", "sample", "--checkpoint", ckpt, "--n", str(cfg.samples), "--seed", str(sample_seed(cfg.seed)),
-         "--out", str(out / "samples.png")],
+         "--out", str(st / "samples.png")],
     ]
     if cfg.device:
         demo += ["--device", cfg.device]
@@ -192,12 +196,38 @@ def check_data(cfg: DemoConfig, labelled: bool, counts: dict[str, int]) -> None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run every stage; write OUT/summary.json and OUT/report.html; return the summary."""
-    with output_lock(cfg.out):  # before an old demo there is removed
-        return _run_demo(cfg)
+    """Run every stage; write OUT/summary.json and OUT/report.html; return the summary. An old demo in OUT is
+    moved aside, not deleted, until this run has succeeded: a run that fails or is refused after the checks
+    that need no data (labels found by prepare, a palette the data cannot fill, Ctrl-C) puts it back."""
+    with output_lock(cfg.out):  # before an old demo there is moved aside
+        aside: list[Path] = []
+        try:
+            summary = _run_demo(cfg, aside)
+        except BaseException:
+            if aside:
+                real = Path(cfg.out).resolve()
+                shutil.rmtree(real, ignore_errors=True)  # this run's partial output
+                os.rename(aside[0], real)
+            raise
+        for old in aside:
+            shutil.rmtree(old, ignore_errors=True)
+        return summary
 
 
-def _run_demo(cfg: DemoConfig) -> dict:
+def check_classes(cfg: DemoConfig, shards) -> None:
+    """IgptError unless the prepared labels give the probe something to measure (two classes or more) and a
+    test split it can score (no test class unseen in train and val): the probe refused the second only after
+    the whole training budget."""
+    from igpt.shards import class_count
+
+    y = {s: np.asarray(shards.labels(s)).astype(np.int64) for s in ("train", "val", "test")}
+    k = class_count(y, shards.meta.get("class_names"), cfg.data)
+    if len(np.unique(np.concatenate([y["train"], y["val"]]))) < 2:
+        raise IgptError(f"{cfg.data}: every train and val image has the same label ({k} class(es)): a linear probe "
+                        "of one class measures nothing; the demo needs two classes or more")
+
+
+def _run_demo(cfg: DemoConfig, aside: list[Path]) -> dict:
     from igpt.checkpoint import load_model, save_model
     from igpt.datasets import open_source
     from igpt.distributed import get_dist_info, pick_device
@@ -208,7 +238,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     from igpt.report import write_report
     from igpt.sample import sample_to_grid
     from igpt.shards import load_shards
-    from igpt.train import train
+    from igpt.train import check_fits_memory, train
     from igpt.train_log import read_metrics
 
     t0 = time.perf_counter()
@@ -222,8 +252,18 @@ def _run_demo(cfg: DemoConfig) -> dict:
                          palette_size=k, seed=cfg.seed, test_fraction=0.0 if "test" in src.splits else 0.1)
     # labels and split sizes are known without decoding: checked before an old demo goes
     check_data(cfg, all(sp.labelled for sp in src.splits.values()), planned_counts(src, prep))
+    if src.channels == 1 and k > 256:  # prepare's own refusal, made before the old demo is moved
+        raise IgptError(f"--palette-size {k}: grey data has at most 256 distinct levels")
+    mcfg = get_preset(cfg.preset, n_px=cfg.n_px, palette_size=k)
+    check_fits_memory(mcfg, cfg.batch_size)  # step_seconds allocates a batch: a traceback past the memory
     if out.exists():  # an old demo (it holds our marker): start clean. A symlinked --out: the folder it names
-        shutil.rmtree(out.resolve())  # is replaced, as for every --out (rmtree refused the link itself)
+        real = out.resolve()  # is replaced, as for every --out (rmtree refused the link itself)
+        old = real.with_name(f".{real.name}.previous-demo")  # kept until this run succeeds (run_demo)
+        if old.exists() or old.is_symlink():  # one a killed run left: ours (refused otherwise)
+            check_replaceable(old, {MARKER: is_demo_record})
+            shutil.rmtree(old)
+        os.rename(real, old)
+        aside.append(old)
     out.resolve().mkdir(parents=True)
     atomic_write_bytes(out / MARKER, (json.dumps({"config": asdict(cfg)}, indent=2) + "\n").encode())
     timings: dict[str, float] = {}
@@ -235,13 +275,13 @@ def _run_demo(cfg: DemoConfig) -> dict:
     shards = load_shards(out / "shards")
     counts = meta["counts"]
     check_data(cfg, meta["labels"], counts)  # again with what was written (--skip-bad is not used here)
+    check_classes(cfg, shards)  # labels the probe would refuse after training
     timings["prepare"] = time.perf_counter() - t
     print(f"      {', '.join(f'{s} {n}' for s, n in counts.items())} images, {k} colours "
           f"({timings['prepare']:.1f} s)", flush=True)
 
     # 2. pretraining, sized to the budget
     t = time.perf_counter()
-    mcfg = get_preset(cfg.preset, n_px=cfg.n_px, palette_size=k)
     step_s, fwd_s = step_seconds(mcfg, cfg.batch_size, cfg.lr, device)
     n_img = sum(counts.values())
     plan = plan_steps(budget - (time.perf_counter() - t0), step_s, fwd_s, cfg.batch_size,

@@ -51,7 +51,7 @@ def raw_pixel_features(images: np.ndarray) -> np.ndarray:
 
 def concat_layers(feats: dict[int, np.ndarray], centre: int, k: int) -> tuple[list[int], np.ndarray]:
     """Features of the up to 2k + 1 available layers centre-k .. centre+k, concatenated along the feature axis."""
-    ls = [l for l in range(centre - k, centre + k + 1) if l in feats]  # noqa: E741
+    ls = [l for l in range(max(centre - k, min(feats)), min(centre + k, max(feats)) + 1) if l in feats]  # noqa: E741
     return ls, np.concatenate([feats[i] for i in ls], axis=1)
 
 

@@ -37,7 +37,7 @@ from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes, output_lock
 from igpt.model import ar_inputs, ar_loss, bert_loss, bert_mask
 from igpt.settings import check_seed
-from igpt.shards import check_ids, class_count
+from igpt.shards import check_ids, check_two_classes, class_count
 
 FINETUNE_FILE, CHECKPOINT_DIR = "finetune.json", "checkpoint"
 
@@ -200,6 +200,7 @@ def _finetune(cfg: FinetuneConfig) -> dict:
     if empty:
         raise IgptError(f"{cfg.data}: fine-tuning needs images in train, val and test; empty: {', '.join(empty)}")
     n_classes = class_count(y, shards.meta.get("class_names"), cfg.data)
+    check_two_classes(y["train"], cfg.data, "fine-tuning")
     check_writable(out / FINETUNE_FILE)  # before the training, not after it
     bert = mcfg.mode == "bert"
     masks = {s: eval_masks(len(tokens[s]), mcfg.seq_len, cfg.mask_ensemble, cfg.bert_mask_prob, cfg.seed, s)

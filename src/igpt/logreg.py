@@ -281,10 +281,14 @@ def fit_batch(X, y, C, n_classes: int | None = None, *, max_iter: int = 1000, to
         g_new = pr.grad(T, cache)
         s, yv = step.reshape(q_n, N), (g_new - g).reshape(q_n, N)
         sy = (s * yv).sum(-1)
-        good = ok & (sy > 1e-10)
+        # a pair is kept unless its curvature is negligible against the step's decrease (L-BFGS-B's test): the
+        # absolute sy > 1e-10 rejected every pair once the steps became small (tiny C: W pinned by the penalty,
+        # the bias still far off), and a rejected pair overwrote a kept one, leaving gradient descent at the
+        # penalty's step size (thousands of iterations for a 26-parameter problem)
+        good = ok & (sy > torch.finfo(dtype).eps * -(g.reshape(q_n, N) * s).sum(-1))
         j = it % history
-        S[j], Yh[j] = s * good[:, None], yv * good[:, None]
-        rho[j] = torch.where(good, 1.0 / sy, 0.0)
+        S[j], Yh[j] = torch.where(good[:, None], s, S[j]), torch.where(good[:, None], yv, Yh[j])  # a rejected
+        rho[j] = torch.where(good, 1.0 / sy, rho[j])  # pair keeps the slot's older pair (it had erased it)
         gamma = torch.where(good, sy / (yv * yv).sum(-1), gamma)
         paired |= good
         iters += 1

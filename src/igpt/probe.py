@@ -226,7 +226,8 @@ def _run_probe(cfg: ProbeConfig) -> dict:
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import check_compatible
     from igpt.features import cache_keys, cached_features, concat_layers, pixel_features, raw_pixel_features
-    from igpt.shards import class_count, load_shards
+    from igpt.io import check_writable
+    from igpt.shards import check_two_classes, class_count, load_shards
 
     if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise IgptError(f"--out {cfg.out} exists and is not a directory")
@@ -242,15 +243,22 @@ def _run_probe(cfg: ProbeConfig) -> dict:
     model, palette = load_model(cfg.checkpoint, device)
     check_compatible(model.config, shards, palette)
     layers = cfg.layer_list(model.config.n_layer)
+    if cfg.concat > model.config.n_layer:  # past both ends whatever layer is chosen (and a huge K looped for ever)
+        raise IgptError(f"--concat {cfg.concat}: the window best-{cfg.concat}..best+{cfg.concat} is past both ends "
+                        f"of the model's layers 0..{model.config.n_layer} whatever layer is chosen; give at most "
+                        f"{model.config.n_layer}")
     y = {s: shards.labels(s).astype(np.int64) for s in splits}
     empty = [s for s in splits if len(y[s]) == 0]
     if empty:
         raise IgptError(f"{cfg.data}: the probe needs images in train, val and test; empty: {', '.join(empty)}")
     n_classes = class_count(y, shards.meta.get("class_names"), cfg.data)
+    check_two_classes(y["train"], cfg.data, "the probe")
     counts = np.bincount(y["train"], minlength=n_classes)  # every class, those absent from train included
     if cfg.labels_per_class and max(cfg.labels_per_class) > counts.min():  # fail before any feature is computed
         raise IgptError(f"--labels-per-class {max(cfg.labels_per_class)}: class {int(counts.argmin())} has "
                         f"{int(counts.min())} training examples, fewer than {max(cfg.labels_per_class)}")
+    for name in (PROBE_FILE, PLOT_FILE):  # before the features and fits, not after them
+        check_writable(Path(cfg.out) / name)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
     feats = {s: cached_features(model, shards.tokens(s), layers, cfg.batch_size, device, cache, keys[s])
@@ -278,8 +286,8 @@ def _run_probe(cfg: ProbeConfig) -> dict:
         res["baseline_input"] = BASELINE_INPUT[kind]
         best = res["best_layer"]
         if cfg.concat:
-            window = [l for l in range(best - cfg.concat, best + cfg.concat + 1)  # noqa: E741
-                      if 0 <= l <= model.config.n_layer and l not in feats["train"]]
+            lo, hi = max(0, best - cfg.concat), min(model.config.n_layer, best + cfg.concat)
+            window = [l for l in range(lo, hi + 1) if l not in feats["train"]]  # noqa: E741
             if window:  # layers of the window that --layers left out: one more pass (it had cut the window short)
                 more = {s: cached_features(model, shards.tokens(s), window, cfg.batch_size, device, cache, keys[s])
                         for s in splits}

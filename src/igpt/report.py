@@ -124,7 +124,7 @@ chosen on validation, never on test); dashed: the raw-pixel baseline on the same
 <h3>Probe accuracy by layer</h3>
 <table><tr><th>layer</th><th>val</th><th>test</th></tr>{layer_rows}</table>
 <h2>Reproduce</h2>
-<p>The whole run, then the same stages one by one:</p>
+<p>The whole run, then the same stages one by one (they write under <code>OUT/stages</code>):</p>
 <pre>{cmds}</pre>
 </body></html>
 """

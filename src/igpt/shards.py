@@ -86,6 +86,15 @@ def class_count(y: dict[str, np.ndarray], class_names: list | None, what: str) -
     return k
 
 
+def check_two_classes(train_labels: np.ndarray, what: str, who: str) -> None:
+    """IgptError unless the train labels hold at least two classes: with one, every prediction is that class
+    (a 1-class softmax scored 100% on every split; sklearn refuses such data)."""
+    present = np.unique(train_labels)
+    if len(present) < 2:
+        raise IgptError(f"{what}: {who} needs at least two classes in train; every train label is "
+                        f"{int(present[0])}")
+
+
 def load_shards(path: str | Path) -> Shards:
     """Open a shard directory made by ``prepare``, checking it is complete and consistent."""
     root = Path(path)
