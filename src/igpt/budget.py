@@ -17,8 +17,13 @@ import torch
 TRAIN_OVERHEAD = 1.0
 RESERVE = 0.02  # share of the budget kept back for the report and a noisy machine
 # seconds of the probe's logistic-regression fits per image and feature set (a layer, a concatenation, a pixel
-# baseline), on 2 cores: the bundled 10,000 images x 8 sets took ~31 s in the 9-minute demo
-PROBE_FIT_S = 4e-4
+# baseline), on 2 cores: the bundled 10,000 images x 8 sets took ~31 s in the 9-minute demo until the fifteenth
+# session, 51-59 s since (the float64 objective sums stopped fits stopping falsely early; measured on the
+# sixteenth session's demo model, cached features, Ice Lake): (55 - PROBE_FIXED_S) / 80,000
+PROBE_FIT_S = 6.3e-4
+# the probe's feature pass over the measured inference forward, per image: the demo's 10,000 images took ~48 s
+# against 32 s from forward_s (sixteenth session: every layer's normed states pooled and copied out)
+FEATURES_OVERHEAD = 1.5
 # seconds of the probe's fits whatever their size: its fit batches (layers x C, refits, a concatenation, two
 # baselines) each run up to 300 L-BFGS iterations of a few ms of fixed work. Measured on 2 cores (Ice Lake,
 # quiet): the probe stage of 800 8x8 images took 6.3 s, of which the forward passes and the size term above give
@@ -75,11 +80,12 @@ def plan_steps(budget_s: float, step_s: float, fwd_s: float, batch: int, n_eval_
     """Steps that fit the budget. The rest of the run is estimated from the measured forward time: feature
     extraction and NLL are forward passes over the splits, sampling one forward step per token of the
     longest sequence (a KV cache makes that about a forward pass of one position per token); the probe's
-    fits from their size (PROBE_FIT_S per image and feature set, plus PROBE_FIXED_S), plus a fixed share for
+    fits from their size (PROBE_FIT_S per image and feature set, plus PROBE_FIXED_S; features at FEATURES_OVERHEAD
+    times a forward pass), plus a fixed share for
     the report and noise.
     ``later_s`` is that estimate: more than the budget means even the minimum of steps overruns it."""
     per_image_fwd = fwd_s / batch
-    features = n_feature_images * per_image_fwd
+    features = n_feature_images * per_image_fwd * FEATURES_OVERHEAD
     nll = n_eval_images * per_image_fwd
     sampling = n_sample_tokens * fwd_s / batch / 4  # decoding one row: ~a quarter of a full row's cost per token
     fits = n_feature_images * n_fit_sets * PROBE_FIT_S + (PROBE_FIXED_S if n_fit_sets else 0.0)
