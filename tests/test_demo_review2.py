@@ -129,3 +129,19 @@ def test_the_reports_stage_commands_run_as_written(tmp_path, capsys):
     capsys.readouterr()
     for line in cmds[1:3]:  # prepare, then train
         assert main(shlex.split(line)[1:]) == 0, (line, capsys.readouterr().err)
+
+
+def test_a_train_split_of_one_class_is_refused_before_training_even_when_val_has_two():
+    """The probe refuses train labels of one class (igpt.shards.check_two_classes); the demo's own check had
+    looked at train and val together, so a second class in val alone let training run and the probe refuse."""
+    from types import SimpleNamespace
+
+    from igpt.demo import DemoConfig, check_classes
+    from igpt.errors import IgptError
+
+    labels = {"train": np.zeros(50, int), "val": np.array([0, 1]), "test": np.array([0, 1])}
+    shards = SimpleNamespace(labels=labels.__getitem__, meta={"class_names": ["a", "b"]})
+    with pytest.raises(IgptError, match="two classes in train"):
+        check_classes(DemoConfig(), shards)
+    labels["train"] = np.array([0, 1] * 25)
+    check_classes(DemoConfig(), shards)  # two classes in train: accepted

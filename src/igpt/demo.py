@@ -215,16 +215,13 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def check_classes(cfg: DemoConfig, shards) -> None:
-    """IgptError unless the prepared labels give the probe something to measure (two classes or more) and a
-    test split it can score (no test class unseen in train and val): the probe refused the second only after
-    the whole training budget."""
-    from igpt.shards import class_count
+    """The probe's own label checks, made before training rather than after it: a test class unseen in train
+    and val (igpt.shards.class_count), and train labels of a single class (check_two_classes)."""
+    from igpt.shards import check_two_classes, class_count
 
     y = {s: np.asarray(shards.labels(s)).astype(np.int64) for s in ("train", "val", "test")}
-    k = class_count(y, shards.meta.get("class_names"), cfg.data)
-    if len(np.unique(np.concatenate([y["train"], y["val"]]))) < 2:
-        raise IgptError(f"{cfg.data}: every train and val image has the same label ({k} class(es)): a linear probe "
-                        "of one class measures nothing; the demo needs two classes or more")
+    class_count(y, shards.meta.get("class_names"), cfg.data)
+    check_two_classes(y["train"], cfg.data, "the demo's probe")
 
 
 def _run_demo(cfg: DemoConfig, aside: list[Path]) -> dict:
@@ -232,7 +229,7 @@ def _run_demo(cfg: DemoConfig, aside: list[Path]) -> dict:
     from igpt.datasets import open_source
     from igpt.distributed import get_dist_info, pick_device
     from igpt.evaluate import nll
-    from igpt.prepare import PrepareConfig, planned_counts, prepare
+    from igpt.prepare import PrepareConfig, check_fit_size, planned_counts, prepare
     from igpt.presets import get_preset
     from igpt.probe import ProbeConfig, run_probe
     from igpt.report import write_report
@@ -252,8 +249,7 @@ def _run_demo(cfg: DemoConfig, aside: list[Path]) -> dict:
                          palette_size=k, seed=cfg.seed, test_fraction=0.0 if "test" in src.splits else 0.1)
     # labels and split sizes are known without decoding: checked before an old demo goes
     check_data(cfg, all(sp.labelled for sp in src.splits.values()), planned_counts(src, prep))
-    if src.channels == 1 and k > 256:  # prepare's own refusal, made before the old demo is moved
-        raise IgptError(f"--palette-size {k}: grey data has at most 256 distinct levels")
+    check_fit_size(k, src.channels, prep.fit_pixels)  # prepare's own refusal, made before the old demo is moved
     mcfg = get_preset(cfg.preset, n_px=cfg.n_px, palette_size=k)
     check_fits_memory(mcfg, cfg.batch_size)  # step_seconds allocates a batch: a traceback past the memory
     if out.exists():  # an old demo (it holds our marker): start clean. A symlinked --out: the folder it names

@@ -222,6 +222,14 @@ def fit_k(cfg: PrepareConfig, channels: int) -> int:
     return cfg.palette_size or (512 if channels == 3 else 16)
 
 
+def check_fit_size(k: int, channels: int, fit_pixels: int) -> None:
+    """IgptError for a palette size no fit can give: over 256 for grey data, or over the pixels sampled."""
+    if channels == 1 and k > 256:
+        raise IgptError(f"--palette-size {k}: grey data has at most 256 distinct levels")
+    if k > fit_pixels:
+        raise IgptError(f"--fit-pixels {fit_pixels} samples fewer pixels than the palette's {k} colours")
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Build token shards as described in the module docstring; returns the meta.json content."""
     try:
@@ -245,11 +253,7 @@ def _prepare(cfg: PrepareConfig) -> dict:
         pal_file.check_channels(src.channels, f"the data ({src.name})")
     else:  # the fit's device checked (an absent CUDA was an AssertionError after decoding), and recorded
         cfg = replace(cfg, fit_device=fit_device(cfg.fit_device))  # resolved: `--config meta.json` fits there too
-        k = fit_k(cfg, src.channels)  # a size no data can give: refused before decoding and a long fit
-        if src.channels == 1 and k > 256:
-            raise IgptError(f"--palette-size {k}: grey data has at most 256 distinct levels")
-        if k > cfg.fit_pixels:
-            raise IgptError(f"--fit-pixels {cfg.fit_pixels} samples fewer pixels than the palette's {k} colours")
+        check_fit_size(fit_k(cfg, src.channels), src.channels, cfg.fit_pixels)  # before decoding and a long fit
     out = Path(cfg.out)
     with atomic_dir(out) as tmp:
         native = Native(cfg, src.channels, tmp)
