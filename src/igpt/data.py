@@ -116,7 +116,8 @@ def idx_split(images: Path, labels: Path | None, start: int = 0, stop: int | Non
     if labels is not None:
         lab = read_idx(labels)
         if lab.shape != (dims[0],):
-            raise IgptError(f"{labels}: {lab.shape[0]} labels for {dims[0]} images in {images.name}")
+            what = f"{lab.shape[0]} labels" if lab.ndim == 1 else f"labels of shape {lab.shape}"  # (N, 1): not 'N labels'
+            raise IgptError(f"{labels}: {what} for {dims[0]} images in {images.name}")
     stop = dims[0] if stop is None else min(stop, dims[0])
     hw = dims[1] * dims[2]
 

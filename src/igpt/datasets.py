@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import http.client
 import os
 import shutil
 import sys
@@ -112,7 +113,7 @@ def download(url: str, dest: Path, checksum: str, timeout: float = 60.0) -> Path
     try:
         h = hashlib.new(algo)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - http(s) only, see below
-            total = int(resp.headers.get("Content-Length") or 0) or None
+            total = getattr(resp, "length", None) or None  # http.client's parse: None, not a ValueError, for junk
             with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, disable=not sys.stderr.isatty()) as bar:
                 for block in iter(lambda: resp.read(1 << 20), b""):
                     out.write(block)
@@ -147,6 +148,9 @@ def _fetch(name: str, spec: Named, target: Path) -> None:
                 break
             except urllib.error.HTTPError as e:
                 errors.append(f"{url}: HTTP {e.code} {e.reason}")
+            except http.client.HTTPException as e:  # not an HTTP answer (a mirror on another service's port: an
+                # SSH banner is a BadStatusLine) or a body cut off mid-chunk; not an OSError, it was a traceback
+                errors.append(f"{url}: not a valid HTTP response ({type(e).__name__}: {str(e).strip()[:80]!r})")
             except (urllib.error.URLError, OSError, TimeoutError) as e:
                 errors.append(f"{url}: {getattr(e, 'reason', e)}")
         else:
@@ -169,6 +173,14 @@ def _plain_members(tar: tarfile.TarFile, archive: Path) -> list[tarfile.TarInfo]
 
 def _unpacked_marker(archive: Path) -> Path:
     return archive.with_name(archive.name + ".unpacked")
+
+
+def _forget_unpacked(d: Path, spec: Named) -> None:
+    """Called when the unpacked files are missing (deleted by hand, say): the markers that said an archive was
+    unpacked no longer hold, and left in place they made ``_unpack`` skip the archive for good."""
+    for f in spec.checksums:
+        if f.endswith(".tar.gz"):
+            _unpacked_marker(d / f).unlink(missing_ok=True)
 
 
 def _unpack(archive: Path) -> None:
@@ -212,6 +224,7 @@ def resolve(name: str, data_dir: str | Path | None = None) -> Path:
         d = Path(explicit) / name
         archives = [d / f for f in spec.checksums if f.endswith(".tar.gz") and (d / f).is_file()]
         if archives and not _has_files(d, spec):  # the archive as downloaded: check it, unpack it beside itself
+            _forget_unpacked(d, spec)
             for a in archives:
                 algo, _, want = spec.checksums[a.name].partition(":")
                 if not _unpacked_marker(a).is_file() and file_digest(a, algo) != want:
@@ -226,6 +239,8 @@ def resolve(name: str, data_dir: str | Path | None = None) -> Path:
     d = cache_dir() / "datasets" / name
     unpacked = all(_unpacked_marker(d / f).is_file() for f in spec.checksums if f.endswith(".tar.gz"))
     if not (_has_files(d, spec) and unpacked):  # the cache is ours: only complete when every archive is
+        if not _has_files(d, spec):
+            _forget_unpacked(d, spec)
         _fetch(name, spec, d)
     return d
 
@@ -275,7 +290,8 @@ def _open_path(p: Path, channels: int | None, skip_bad: bool) -> Source:
     if not p.exists():
         raise IgptError(f"--data {p}: no such file or folder, and not a named data set ({', '.join(names())})")
     if p.is_dir():
-        if any((p / n).exists() for n in ("cifar-10-batches-py", "cifar-100-python", "data_batch_1", "test_batch")):
+        if any((p / n).exists() for n in ("cifar-10-batches-py", "cifar-100-python", "data_batch_1", "test_batch")) or (
+                (p / "train").is_file()):  # cifar-100-python/ itself (train, test, meta), as _has_files takes it
             return cifar_source(p)
         return folder_source(p, channels, skip_bad)
     if p.suffix in (".npz", ".npy"):
@@ -284,7 +300,9 @@ def _open_path(p: Path, channels: int | None, skip_bad: bool) -> Source:
         raise IgptError(f"--data {p}: a single image; --data takes a folder of images (class subfolders optional)")
     if "idx" in p.name or "ubyte" in p.name:
         # escaped: a name with glob characters ('set[1]-images...') matched no labels file, or another one
-        labels = sorted(p.parent.glob(glob.escape(p.name.replace("images", "labels").replace("idx3", "idx1"))))
+        name = p.name.replace("images", "labels").replace("idx3", "idx1")
+        other = name.removesuffix(".gz") if name.endswith(".gz") else name + ".gz"  # one of the two gunzipped
+        labels = [f for n in (name, other) for f in sorted(p.parent.glob(glob.escape(n)))]
         lab = labels[0] if labels and labels[0] != p else None
         return Source(str(p), 1, {"train": idx_split(p, lab)}, None)
     with open(p, "rb") as f:

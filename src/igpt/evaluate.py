@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from igpt.errors import IgptError
-from igpt.io import atomic_write_bytes
+from igpt.io import atomic_write_bytes, check_writable
 from igpt.settings import check_seed
 from igpt.shards import check_ids
 
@@ -121,10 +121,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     tokens = shards.tokens(cfg.split)
     if cfg.max_images:
         tokens = tokens[: cfg.max_images]
+    if len(tokens) == 0:  # before loading the model; score() alone said "no images" without saying where
+        raise IgptError(f"{cfg.data}: the {cfg.split} split has no images to evaluate")
     info = get_dist_info()
     device = pick_device(cfg.device, info)
     model, palette = load_model(cfg.checkpoint, device)
     check_compatible(model.config, shards, palette)
+    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / EVAL_FILE
+    if info.is_main:  # before the scoring (minutes to hours on a large split), not after it (once the checkpoint
+        check_writable(out)  # has loaded: the default out is inside it, and a wrong path must not make it)
     started = init_distributed(device)  # under torchrun the ranks share the batches (``score``)
     nats, images, scored = score(model, tokens, cfg.batch_size, cfg.bert_mask_prob, cfg.seed, device, shared=True)
     if not math.isfinite(nats):  # finite weights give finite logits: this model is damaged or diverged
@@ -144,7 +149,6 @@ def evaluate(cfg: EvalConfig) -> dict:
     }
     if info.world_size > 1:
         res["ranks"] = info.world_size
-    out = Path(cfg.out) if cfg.out else Path(cfg.checkpoint) / EVAL_FILE
     if info.is_main:
         atomic_write_bytes(out, (json.dumps(res, indent=2) + "\n").encode())
     cleanup(started)

@@ -138,7 +138,10 @@ def predict_proba(model, head, tokens: np.ndarray, masks: list[torch.Tensor] | N
 
 
 def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float((probs.argmax(1) == labels).mean()) if len(labels) else 0.0
+    """The fraction of rows whose argmax is the label; a row that is not finite counts as wrong (numpy's argmax
+    of NaNs is 0: such rows were scored as predictions of class 0)."""
+    right = (probs.argmax(1) == labels) & np.isfinite(probs).all(1)
+    return float(right.mean()) if len(labels) else 0.0
 
 
 class EarlyStopping:
@@ -231,6 +234,9 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         loss, parts = joint_loss(model, head, px, lab, m, cfg.lambda_gen)
         if not np.isfinite(parts["loss"]):
             diverged = f"non-finite loss ({parts['loss']}) at step {step}; try a lower --lr"
+            if step == 1 and not np.isfinite(parts["clf"] + (parts["gen"] or 0.0)):  # no update has run yet
+                diverged = (f"{cfg.checkpoint}: non-finite loss ({parts['loss']}) at step 1, before any update: "
+                            "damaged weights or a diverged pretraining run")
             if best_state is None:
                 raise IgptError(diverged)
             step -= 1  # this step did not run: keep the best weights so far, score test, write, then fail
@@ -242,8 +248,13 @@ def _finetune(cfg: FinetuneConfig) -> dict:
         opt.zero_grad(set_to_none=True)
         train_log.append({"step": step, **parts})
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            acc = accuracy(predict_proba(model, head, tokens["val"], masks["val"], cfg.eval_batch_size, device),
-                           y["val"])
+            probs = predict_proba(model, head, tokens["val"], masks["val"], cfg.eval_batch_size, device)
+            if not np.isfinite(probs).all():  # the weights blew up: never a best step (nor the first one)
+                diverged = f"non-finite class probabilities on val at step {step}; try a lower --lr"
+                if best_state is None:
+                    raise IgptError(diverged)
+                break  # this step's weights are dropped: the best ones are scored and written, then fail
+            acc = accuracy(probs, y["val"])
             history.append({"step": step, "val_accuracy": acc, "train_loss": parts["loss"]})
             if stopper.update(step, acc):
                 best_state = (copy.deepcopy(model.state_dict()), copy.deepcopy(head.state_dict()))

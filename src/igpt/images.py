@@ -3,8 +3,9 @@
 Decoding policy for image files (``decode_image``):
 - grey (L, 1-bit, 16-bit grey with or without alpha) stays grey; RGB stays RGB; CMYK, YCbCr, LAB and HSV are
   converted to RGB;
-- an alpha channel (RGBA, LA, PA, P with transparency, and a PNG's transparent grey or colour, tRNS, on L and
-  RGB, 8 or 16 bits; a 16-bit colour tRNS is matched on the high bytes, all Pillow keeps) is composited on white;
+- an alpha channel (RGBA, LA, PA, P with transparency, and a PNG's transparent grey or colour, tRNS: grey of
+  1, 2, 4, 8 or 16 bits, RGB of 8 or 16; a 16-bit colour tRNS is matched on the high bytes, all Pillow keeps) is
+  composited on white;
 - palette images (P) are expanded to RGB;
 - 16-bit grey images (I;16*, I) are scaled to 8 bits (v * 255 / 65535, rounded), never clipped; 16-bit-per-channel
   colour PNGs come from Pillow as 8-bit RGB(A) holding each value's high byte (v // 256: at most one level
@@ -82,6 +83,12 @@ def _to_array(im: Image.Image, path: Path, raw: str | None = None) -> np.ndarray
         return np.where(hit, np.uint8(255), a)
     if mode == "F":
         raise IgptError(f"{path}: floating-point images (mode F) are not supported; save it as 8 or 16 bit")
+    if mode in ("1", "L") and isinstance(im.info.get("transparency"), int):  # a PNG's transparent grey (tRNS)
+        t = im.info["transparency"]
+        if raw in ("L;2", "L;4"):  # Pillow scales 2- and 4-bit pixels to 8 bits but keeps tRNS at the file's
+            t = t * 255 // ((1 << int(raw[-1])) - 1)  # depth (so it matched nothing, or another grey)
+        a = np.asarray(im.convert("L"))  # mode 1 (0 / 255) comes with its tRNS already at 0 or 255
+        return np.where(a == t, np.uint8(255), a)[..., None]  # transparent: white, as composite_on_white gives
     if mode in ("LA", "La") or (mode == "L" and "transparency" in im.info):  # alpha, or a PNG tRNS grey
         return composite_on_white(np.asarray(im.convert("LA")))
     if mode in ("1", "L"):

@@ -51,8 +51,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path`` ('.NAME.<host>-<pid>.<random>.tmp'), fsync it, then
     rename it over ``path``."""
     path = Path(path)
-    if path.is_dir():
-        raise IgptError(f"{path} is a folder; give the name of a file to write")
+    check_file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(path)  # what a killed writer of the same file left (eval.json, probe.json, a PNG, ...)
     try:
@@ -72,12 +71,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def check_file_target(path: Path) -> None:
+    """IgptError when ``path`` is a folder, or exists and is not a regular file: the rename of an atomic write
+    replaces what is there, so `--out /dev/null` (run as root) replaced the device with a PNG."""
+    if path.is_dir():
+        raise IgptError(f"{path} is a folder; give the name of a file to write")
+    if path.exists() and not path.is_file():
+        raise IgptError(f"{path} is not a regular file (a device, pipe or socket); give the name of a file to write")
+
+
 def check_writable(path: str | Path) -> None:
     """IgptError unless a file can be written at ``path`` (its folder exists or can be made, and takes a file:
     tried with a temporary file, which root's permission bypass makes the only sure test)."""
     path = Path(path)
-    if path.is_dir():
-        raise IgptError(f"{path} is a folder; give the name of a file to write")
+    check_file_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

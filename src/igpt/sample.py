@@ -38,6 +38,7 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
         srt, order = torch.sort(logits, dim=-1, descending=True)
         probs = torch.softmax(srt, dim=-1)
         drop = (probs.cumsum(-1) - probs) >= top_p  # the mass before this token already reaches top_p
+        drop[..., 0] = False  # the most likely token always stays: a top_p below float32's range (1e-50) is 0
         logits.scatter_(-1, order, srt.masked_fill_(drop, float("-inf")))
     return logits
 
@@ -213,6 +214,11 @@ def check_memory(n: int, n_px: int, channels: int) -> None:
                         f"machine's {have / 2**30:.1f} GiB; sample fewer images per run (other --seed values)")
 
 
+def _written_at(path: str | Path) -> Path:
+    path = Path(path)
+    return path.parent.resolve() / path.name
+
+
 def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_from: str | Path | None = None,
                    rows: int | None = None, seed: int = 0, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, tokens_out: str | Path | None = None, per_image: int = 4,
@@ -233,6 +239,9 @@ def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_fr
     if per_image < 1:
         raise IgptError(f"--per-image must be >= 1, got {per_image}")
     check_sampling(temperature, top_k, top_p)
+    # the same file (a rename replaces a link itself, so only the folders are resolved): the .npy replaced the PNG
+    if tokens_out is not None and _written_at(tokens_out) == _written_at(out_png):
+        raise IgptError(f"--tokens-out {tokens_out} is the --out PNG's path; give the ids another file")
     for path in (out_png, tokens_out):  # before minutes of sampling, not after
         if path is not None:
             check_writable(path)
