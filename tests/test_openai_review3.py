@@ -137,3 +137,16 @@ def test_idx_labels_of_the_wrong_rank_are_named_as_such(tmp_path, rng):
     write_idx(tmp_path / "set-labels-idx1-ubyte", np.zeros((5, 1), np.uint8))
     with pytest.raises(IgptError, match=r"labels of shape \(5, 1\) for 5 images"):
         open_source(str(tmp_path / "set-images-idx3-ubyte"))
+
+
+def test_the_datasets_listing_names_the_mirror_it_would_download_from(monkeypatch, capsys):
+    """`igpt datasets` printed the canonical URLs while $IGPT_DATASET_MIRROR, which replaces them, was set."""
+    from igpt.cli import main
+
+    monkeypatch.setenv("IGPT_DATASET_MIRROR", "http://mirror.example/igpt/")
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "downloaded from http://mirror.example/igpt/mnist/ ($IGPT_DATASET_MIRROR)" in out
+    assert "amazonaws" not in out and "toronto.edu" not in out
+    monkeypatch.delenv("IGPT_DATASET_MIRROR")
+    assert main(["datasets"]) == 0 and "mirror.example" not in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zlib
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from igpt import images
+from igpt.errors import IgptError
+from igpt.palette import Palette
 
 
 def _png_low_bit(path: Path, values: list[int], depth: int, trns: int) -> Path:
@@ -43,3 +46,10 @@ def test_low_bit_depth_grey_png_transparency_is_composited_on_white(tmp_path, de
     out = images.decode_image(f)
     assert out.shape == (1, 4, 1) and out[0, :, 0].tolist() == want
     assert _file_channels(f) == 1  # still grey
+
+
+def test_a_json_palette_of_bad_values_names_its_file(tmp_path):
+    f = tmp_path / "preprocessor_config.json"
+    f.write_text(json.dumps({"clusters": [[0.0, 0.0, 0.0], [5.0, 0.0, 0.0]]}))  # 5 is outside [-1, 1]
+    with pytest.raises(IgptError, match=r"preprocessor_config.json: "):
+        Palette.load(f)

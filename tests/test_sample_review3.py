@@ -10,6 +10,7 @@ from igpt_testutil import rgb_palette, tiny_model
 from igpt.checkpoint import save_model
 from igpt.errors import IgptError
 from igpt.io import atomic_write_bytes
+from igpt.palette import Palette
 from igpt.sample import filter_logits, generate, pick_tokens, sample_to_grid
 
 
@@ -57,3 +58,31 @@ def test_an_output_that_is_not_a_regular_file_is_refused_not_replaced(tmp_path):
     assert pipe.exists() and not pipe.is_file() and not (tmp_path / "g.png").exists()
     ids = sample_to_grid(tmp_path / "ck", 2, tmp_path / "g.png", seed=0, top_k=1)  # a regular file still works
     assert ids.shape == (2, 64) and np.asarray(ids).dtype == np.uint16
+
+
+def test_the_memory_check_counts_a_completion_grids_cells(monkeypatch):
+    """check_memory counted n grid cells, but a completion grid holds ceil(n / per_image) * (2 + per_image):
+    up to 3n with --per-image 1 (each original, its top rows and one completion)."""
+    import igpt.sample as S
+
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": (1 << 30) // 4096}  # a machine of 1 GiB
+    monkeypatch.setattr(S.os, "sysconf", lambda name: pages[name])
+    n = 15_000  # 8x8 images drawn at 16x: 49 KB per RGB cell, 0.75 GB for n cells, 2.2 GB for 3n
+    S.check_memory(n, 8, 3)
+    with pytest.raises(IgptError, match=f"--n {n}: the ids and the PNG grid need about 2.1 GiB"):
+        S.check_memory(n, 8, 3, cells=3 * n)
+
+
+def test_sample_to_grid_checks_the_memory_of_the_grid_it_draws(tmp_path, monkeypatch):
+    from test_sample import _shards
+
+    import igpt.sample as S
+
+    shards = _shards(tmp_path / "sh", np.random.default_rng(0).integers(0, 16, (4, 64)), split="val")
+    save_model(tmp_path / "ck", tiny_model(seed=6), palette=Palette.load(shards / "palette.npy"))
+    seen = []
+    monkeypatch.setattr(S, "check_memory", lambda n, n_px, channels, cells: seen.append((n, cells)))
+    for n, per_image in ((5, 2), (3, 1)):  # 3 originals x (original, top rows, 2) cells; 3 x (2 + 1)
+        sample_to_grid(tmp_path / "ck", n, tmp_path / "c.png", complete_from=shards, per_image=per_image, top_k=1)
+    sample_to_grid(tmp_path / "ck", 4, tmp_path / "c.png", top_k=1)  # unconditional: one cell per image
+    assert seen == [(5, 12), (3, 9), (4, 4)]

@@ -50,10 +50,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_datasets(args: argparse.Namespace) -> int:
     from igpt.datasets import BUNDLED, NAMED
 
+    mirror = os.environ.get("IGPT_DATASET_MIRROR")  # replaces the canonical URLs (datasets._fetch)
     print(f"{BUNDLED:15s} bundled: the Fashion-MNIST test set (train = first 8,000, test = last 2,000), 28x28 grey")
     for name, spec in NAMED.items():
+        where = f"{mirror.rstrip('/')}/{name}/ ($IGPT_DATASET_MIRROR)" if mirror else spec.urls[0]
         print(f"{name:15s} {spec.kind}, from --data-dir / $IGPT_DATA_DIR, /usr/share/datasets/{name}, "
-              f"or downloaded from {spec.urls[0]}")
+              f"or downloaded from {where}")
     return 0
 
 

@@ -180,6 +180,14 @@ def _files_split(files: list[Path], labels: list[int] | None, channels: int, ski
     return split
 
 
+def _refuse_loose_images(d: Path, beside: str) -> None:
+    """IgptError if ``d`` holds image files of its own beside ``beside`` (they were left out without a word)."""
+    loose = _image_files(d)
+    if loose:
+        raise IgptError(f"{d}: {len(loose)} image file(s) (e.g. {loose[0].name}) beside {beside} would be left "
+                        "out; move them into a class folder or out of the data folder")
+
+
 def folder_source(root: str | Path, channels: int | None = None, skip_bad: bool = False) -> Source:
     """``root/<class>/*.png`` (labels from sorted folder names), ``root/{train,val,test}/<class>/...``, or a
     flat ``root/*.png`` (no labels). ``channels`` None means RGB if any file is colour, else grey."""
@@ -188,11 +196,18 @@ def folder_source(root: str | Path, channels: int | None = None, skip_bad: bool 
     layout: dict[str, Path] = {"train": root}
     if subdirs and {p.name for p in subdirs} <= {"train", "val", "test"} and (root / "train").is_dir():
         layout = {p.name: p for p in subdirs}
+        _refuse_loose_images(root, "the split folders")
     per_split: dict[str, tuple[list[Path], list[int] | None]] = {}
     class_names: list[str] | None = None
     for split, d in layout.items():
-        classes = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith(".") and _image_files(p))
+        folders = sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = [p.name for p in folders if _image_files(p)]
+        for p in folders:  # images a level deeper than read: the class (and its images) had vanished silently
+            if p.name not in classes and any(_image_files(q) for q in p.rglob("*") if q.is_dir()):
+                raise IgptError(f"{p}: its images are in subfolders; a class folder must hold its image files "
+                                "directly (root/<class>/*.png)")
         if classes:
+            _refuse_loose_images(d, "class folders")
             if class_names is None:
                 class_names = classes
             elif classes != class_names:
@@ -207,6 +222,10 @@ def folder_source(root: str | Path, channels: int | None = None, skip_bad: bool 
             per_split[split] = (_image_files(d), None)
         if not per_split[split][0]:
             raise IgptError(f"{d}: no image files ({', '.join(sorted(IMAGE_EXTS))})")
+    unlabelled = [s for s, (_, ls) in per_split.items() if ls is None]
+    if class_names is not None and unlabelled:  # meta.json had said "labels": false beside train_labels.npy
+        raise IgptError(f"{root}: the {', '.join(unlabelled)} split(s) hold images without class folders while "
+                        f"the others have classes {class_names}; give every split the same class folders")
     if channels is None:
         channels = 3 if any(_file_channels(f) == 3 for fs, _ in per_split.values() for f in fs) else 1
     splits = {s: _files_split(fs, ls, channels, skip_bad) for s, (fs, ls) in per_split.items()}

@@ -270,7 +270,10 @@ class Palette:
                 if not (c == c[:, :1]).all():
                     raise IgptError(f"{path}: igpt_channels is 1 but the clusters are not grey (r = g = b)")
                 c = c[:, :1]
-            return cls(c)
+            try:
+                return cls(c)
+            except IgptError as e:  # values outside [-1, 1], a wrong shape: name the file, as for a .npy
+                raise IgptError(f"{path}: {e}") from None
         try:
             if path.stat().st_size > _MAX_FILE:
                 raise IgptError(f"{path}: {path.stat().st_size:,} bytes, too large for a palette")

@@ -200,11 +200,13 @@ def load_split(shards: str | Path, n_px: int, palette_size: int, palette=None) -
     raise IgptError(f"{shards}: no test or val images to complete from")
 
 
-def check_memory(n: int, n_px: int, channels: int) -> None:
-    """IgptError when n images' ids (int64) and their PNG grid (the images upscaled to ~128 px) would not fit in
-    this machine's memory (a typo in --n ended in an allocator traceback after loading the model)."""
+def check_memory(n: int, n_px: int, channels: int, cells: int | None = None) -> None:
+    """IgptError when n images' ids (int64) and their PNG grid of ``cells`` images (default n; upscaled to ~128
+    px) would not fit in this machine's memory (a typo in --n ended in an allocator traceback after loading the
+    model). A lower bound: the grid's copies on the way to the PNG are not counted."""
     scale = max(1, 128 // n_px)
-    need = n * n_px * n_px * (8 + 2 + scale * scale * channels)  # ids as int64 and uint16, the grid
+    cells = n if cells is None else cells
+    need = n_px * n_px * (n * (8 + 2) + cells * scale * scale * channels)  # ids as int64 and uint16, the grid
     try:
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # no sysconf (not POSIX): no check
@@ -253,13 +255,14 @@ def sample_to_grid(ckpt: str | Path, n: int, out_png: str | Path, *, complete_fr
     if not model.lm_head.weight.any():
         raise IgptError(f"{ckpt}: the output head is all zeros (an untrained model, or one imported from a "
                         "Hugging Face checkpoint without lm_head): its samples would be uniform noise")
-    check_memory(n, cfg.n_px, palette.channels if palette is not None else 3)
+    per_image = min(per_image, n)  # a completion grid has, per original, the original, its top rows, completions
+    cells = n if complete_from is None else -(-n // per_image) * (2 + per_image)
+    check_memory(n, cfg.n_px, palette.channels if palette is not None else 3, cells)
     prefix = originals = None
     if complete_from is not None:
         rows = cfg.n_px // 2 if rows is None else rows
         if not 1 <= rows < cfg.n_px:
             raise IgptError(f"--rows must be in [1, {cfg.n_px - 1}], got {rows}")
-        per_image = min(per_image, n)
         toks, _ = load_split(complete_from, cfg.n_px, cfg.palette_size, palette)
         m = -(-n // per_image)
         if m > len(toks):
