@@ -108,12 +108,21 @@ def load_shards(path: str | Path) -> Shards:
         if meta.get("version") != FORMAT_VERSION:  # a later igpt's layout: refused, not misread
             raise IgptError(f"{meta_path}: shard format version {meta.get('version')!r}; this igpt reads version "
                             f"{FORMAT_VERSION} (prepare the shards again, or use the igpt that wrote them)")
-        n_px, counts = int(meta["n_px"]), dict(meta["counts"])
+        n_px, counts, palette_size = meta["n_px"], dict(meta["counts"]), meta["palette_size"]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise IgptError(f"{meta_path}: malformed ({e})") from None
+    # integers as prepare writes them: int() had let "8" or 8.0 through, and the loader, the model and sample
+    # use meta.json's own value (a str n_px was a TypeError under --augment)
+    sizes = {"n_px": n_px, "palette_size": palette_size, **{f"counts.{k}": v for k, v in counts.items()}}
+    for key, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "n_px" else 0):
+            raise IgptError(f"{meta_path}: malformed ({key} is {v!r}, not an integer >= "
+                            f"{1 if key == 'n_px' else 0})")
     palette = Palette.load(root / "palette.npy")
     if palette.hash != meta.get("palette_sha256"):
         raise IgptError(f"{root}: palette.npy does not match the palette the shards were made with (meta.json)")
+    if palette.k != palette_size:  # the model is sized by meta.json: its checkpoints could never be sampled
+        raise IgptError(f"{root}: meta.json says a palette of {palette_size} colours, palette.npy has {palette.k}")
     if palette.channels != meta.get("channels"):
         raise IgptError(f"{root}: meta.json says {meta.get('channels')} channels, palette.npy has {palette.channels}")
     shards = Shards(root, meta, palette)

@@ -246,12 +246,15 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
                   file=sys.stderr, flush=True)
         if resume is not None:  # a save killed at its last step (pruning) has no later save to clean up after it
             remove_leftovers(ckpt_root)
+    # the data this run reads, fingerprinted once: the loader's memory maps keep the files opened here, so a
+    # checkpoint must not describe files that replaced them since (`igpt prepare` into the same folder mid-run)
+    identity = shards_identity(shards)
     if state is not None:
         bad = changed_fields(state["meta"]["train_config"], cfg)
         saved_shards = state["meta"].get("shards")  # checkpoints since 2026-11-27 (twelfth session)
         if saved_shards is not None:  # the data by content, not by the path it was given as
             bad = [k for k in bad if k != "data"]
-            now = shards_identity(shards)
+            now = identity
             differ = sorted(k for k in now if k in saved_shards and saved_shards[k] != now[k])  # older: fewer keys
             if differ:
                 raise IgptError(f"{resume}: cannot resume on other shards: {cfg.data} differs from the run's in "
@@ -368,7 +371,7 @@ def _run(cfg, shards, mcfg, micro, accum, resume, device, dtype) -> dict:
             if (cfg.save_every and n % cfg.save_every == 0) or n == end:
                 if log is not None:
                     log.sync()
-                last = _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device, dtype)
+                last = _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device, dtype, identity)
                 paused = True
             if paused:
                 if log is not None:
@@ -420,7 +423,7 @@ def tokens_fingerprint(tokens, rows: int = 64) -> str:
     return hashlib.sha256(np.ascontiguousarray(tokens[idx]).tobytes()).hexdigest()[:16]
 
 
-def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device, dtype) -> Path:
+def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device, dtype, identity: dict) -> Path:
     """Gather full states on every rank (collective), rank 0 writes, everyone waits for the rename."""
     info = D.get_dist_info()
     mstate, ostate = get_state_dict(wrapped, opt, options=full)
@@ -430,7 +433,7 @@ def _save(wrapped, opt, full, mcfg, shards, cfg, n, best, ckpt_root, device, dty
     if info.is_main:
         meta = {"step": n, "tokens_seen": n * cfg.batch_size * mcfg.seq_len, "samples_seen": n * cfg.batch_size,
                 "world_size": info.world_size, "best_val_loss": best, "train_config": cfg.to_dict(),
-                "model_config": mcfg.to_dict(), "shards": shards_identity(shards), "dtype": dtype_name(dtype),
+                "model_config": mcfg.to_dict(), "shards": identity, "dtype": dtype_name(dtype),
                 "igpt_version": __version__}
         try:
             save_train_checkpoint(ckpt_root, mstate, mcfg, shards.palette, ostate, rngs, meta, cfg.keep)
