@@ -307,10 +307,23 @@ def _json_has(f: Path, key: str | tuple[str, object] | Callable[[dict], bool]) -
     return isinstance(d, dict) and key in d
 
 
+def unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``object_pairs_hook`` for json.loads: ValueError for a name given twice in one object. Python's json keeps
+    the last silently, so `"lr": 0.1, ... "lr": 0.001` in a --config file (or two n_head in a checkpoint's
+    config.json) ran with whichever came last; TOML refuses such a file, and so does igpt now for JSON."""
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"{k!r} is given twice in one object")
+        d[k] = v
+    return d
+
+
 def read_json(path: str | Path):
-    """Parse a JSON file; ``IgptError`` naming the file when it is missing or not valid JSON."""
+    """Parse a JSON file; ``IgptError`` naming the file when it is missing or not valid JSON (a name given twice in
+    one object included)."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), object_pairs_hook=unique_keys)
     except FileNotFoundError:
         raise IgptError(f"{path}: missing") from None
     except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:  # (RecursionError: deeply nested)

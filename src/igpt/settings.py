@@ -17,19 +17,23 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
     import tomli as tomllib
 
 from igpt.errors import IgptError
+from igpt.io import unique_keys
 
 
 def read_settings_file(path: str | Path, section: str) -> dict:
     """The table of settings in a .json or .toml file. A file whose ``section`` entry is itself a table (the
     JSON a run writes: a train run's config.json under "train"; a shard directory's meta.json, eval.json,
     probe.json, finetune.json and a demo's demo.json under "config") gives that table, so a run can be repeated from its own record."""
+    if not str(path):  # (Path('') is '.')
+        raise IgptError("--config is empty: give a .json or .toml file")
     p = Path(path)
     kind = {".json": "JSON", ".toml": "TOML"}.get(p.suffix.lower())
     if kind is None:
         raise IgptError(f"--config {p}: expected a .json or .toml file")
     try:
         text = p.read_text(encoding="utf-8")
-        d = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+        # a name given twice: TOML's parser refuses it, and unique_keys makes JSON's do the same (it kept the last)
+        d = json.loads(text, object_pairs_hook=unique_keys) if kind == "JSON" else tomllib.loads(text)
     except FileNotFoundError:
         raise IgptError(f"--config {p}: no such file") from None
     except (OSError, ValueError, RecursionError) as e:  # ValueError: the decoders' errors, and an integer of
@@ -142,7 +146,9 @@ def _type_name(hint) -> str:
 def merged(file: str | None, section: str, given: dict, what: str) -> dict:
     """The settings of ``file`` (none when None) with ``given`` (the flags set on the command line) over them; a
     table in ``given`` (train's model overrides) goes over the file's table key by key."""
-    settings = read_settings_file(file, section) if file else {}
+    # (an empty --config, an unset shell variable's, is refused: it had read as no file, and the command ran on
+    # its defaults, a demo replacing the last one)
+    settings = read_settings_file(file, section) if file is not None else {}
     for k, v in given.items():
         if isinstance(v, dict) and k in settings:
             if not isinstance(settings[k], dict):
