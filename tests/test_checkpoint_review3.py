@@ -61,3 +61,30 @@ def test_an_empty_config_path_is_refused_not_read_as_none(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert err == "igpt: error: --config is empty: give a .json or .toml file\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_temporary_naming_a_pid_past_the_c_int_range_is_an_orphan_not_a_traceback(tmp_path):
+    """remove_orphans asked os.kill about the pid in a temporary's name: one past the C int range raised
+    OverflowError (a traceback out of every atomic write into that folder). No process has it: it is removed."""
+    import socket
+
+    from igpt.io import atomic_write_bytes
+
+    junk = tmp_path / f".eval.json.{socket.gethostname()}-99999999999999999999.x1.tmp"
+    junk.write_text("{")
+    atomic_write_bytes(tmp_path / "eval.json", b"{}")
+    assert not junk.exists() and (tmp_path / "eval.json").read_bytes() == b"{}"
+
+
+def test_an_output_that_is_a_file_gets_no_stray_lock_beside_it(tmp_path):
+    """train, probe, finetune and demo lock their output folder through '.NAME.lock' beside it, made before the
+    output is checked: `--out some_file` (refused) left '.some_file.lock' behind."""
+    from igpt.io import output_lock
+
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with output_lock(f):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    with output_lock(tmp_path / "run"):  # a folder to be: locked as before
+        assert (tmp_path / ".run.lock").is_file()

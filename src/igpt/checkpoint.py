@@ -166,7 +166,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def _one_float_dtype(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
     """``state`` with every tensor in one float dtype: a forward pass cannot mix them. A checkpoint saved in
-    one dtype (float32, or a bf16 / fp16 model) keeps it; a mix is widened to float32. Integer (or other)
+    one dtype (float32, or a bf16 / fp16 model) keeps it; a mix is converted to float32 (float64 narrowed). Integer (or other)
     tensors are refused: they are not weights."""
     bad = [f"{k} ({v.dtype})" for k, v in state.items() if v.dtype not in FLOAT_DTYPES]
     if bad:

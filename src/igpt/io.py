@@ -121,7 +121,7 @@ def _owner() -> str:
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a pid past the C int range names no process; it was a traceback)
         return False
     except OSError:  # another user's process (EPERM): alive
         return True
@@ -222,8 +222,8 @@ def output_lock(path: str | Path) -> Iterator[None]:
 
 def _lock_file(target: Path) -> int | None:
     """An open descriptor of '.NAME.lock' beside ``target``, or None where no lock can be had."""
-    if fcntl is None:
-        return None
+    if fcntl is None or (target.exists() and not target.is_dir()):  # outputs locked are folders: a file, device
+        return None  # or pipe there is refused by the command itself, and had left a stray '.NAME.lock' beside it
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         return os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666 & ~_umask())
