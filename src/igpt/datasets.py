@@ -238,8 +238,9 @@ def resolve(name: str, data_dir: str | Path | None = None) -> Path:
         return DEBIAN_ROOT / name
     d = cache_dir() / "datasets" / name
     unpacked = all(_unpacked_marker(d / f).is_file() for f in spec.checksums if f.endswith(".tar.gz"))
-    if not (_has_files(d, spec) and unpacked):  # the cache is ours: only complete when every archive is
-        if not _has_files(d, spec):
+    has = _has_files(d, spec)
+    if not (has and unpacked):  # the cache is ours: only complete when every archive is
+        if not has:
             _forget_unpacked(d, spec)
         _fetch(name, spec, d)
     return d
